@@ -1,0 +1,121 @@
+"""rope.py against the worked numbers of SPEC §2 (Llama 2: D = 128, b = 1e4, L = 4096) and its input checks."""
+import math
+
+import pytest
+import torch
+
+import rope
+
+D, BASE, L = 128, 10000.0, 4096
+
+
+def params(rope_scaling, seq_len=0):
+    return rope.rope_parameters(rope.parse_rope_scaling(rope_scaling), D, BASE, seq_len)
+
+
+def implied_base(inv_freq):
+    # θ_1 = b^(-2/D)  =>  b = θ_1^(-D/2)
+    return inv_freq[1].double().item() ** (-D / 2)
+
+
+def test_ntk_by_parts_reproduces_the_worked_ramp():
+    inv_freq, m = params({"rope_type": "ntk-by-parts", "factor": 16, "original_max_position_embeddings": L})
+    ratio = inv_freq / rope.theta(D, BASE)
+    assert torch.allclose(ratio[:21], torch.ones(21))
+    assert ratio[21].item() == pytest.approx(0.963942, abs=1e-6)
+    assert ratio[33].item() == pytest.approx(0.53125, abs=1e-6)
+    assert ratio[45].item() == pytest.approx(0.098558, abs=1e-6)
+    assert torch.allclose(ratio[46:], torch.full((18,), 0.0625))
+    assert m == 1.0
+
+
+def test_yarn_attention_factor_matches_the_paper():
+    inv_freq, m = params({"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": L})
+    assert m == pytest.approx(1.2772589, abs=1e-7)
+    assert m * m == pytest.approx(1.6313902, abs=1e-7)
+    by_parts, _ = params({"rope_type": "ntk-by-parts", "factor": 16, "original_max_position_embeddings": L})
+    assert torch.equal(inv_freq, by_parts)
+    for s, expected in [(2, 1.0693), (4, 1.1386), (8, 1.2079), (32, 1.3466)]:
+        assert params({"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L})[1] == \
+            pytest.approx(expected, abs=1e-4)
+
+
+def test_static_ntk_base_for_factor_2():
+    inv_freq, m = params({"rope_type": "ntk", "factor": 2})
+    assert implied_base(inv_freq) == pytest.approx(20221.3, abs=0.1)
+    assert m == 1.0
+
+
+def test_dynamic_ntk_base_at_twice_the_original_length():
+    cfg = {"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": L}
+    assert implied_base(params(cfg, seq_len=8192)[0]) == pytest.approx(30527.7, rel=1e-5)
+    assert torch.equal(params(cfg, seq_len=L)[0], rope.theta(D, BASE))  # plain RoPE while l <= L
+
+
+def test_dynamic_yarn_scale_is_max_of_finetuned_factor_and_length_ratio():
+    cfg = {"rope_type": "dynamic-yarn", "factor": 2, "original_max_position_embeddings": L}
+    yarn = lambda s: params({"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L})
+    for seq_len, s in [(100, 2), (8192, 2), (16384, 4), (65536, 16)]:
+        inv_freq, m = params(cfg, seq_len)
+        assert torch.equal(inv_freq, yarn(s)[0]) and m == yarn(s)[1]
+    # a model never fine-tuned (factor 1) is plain RoPE up to L
+    inv_freq, m = params({**cfg, "factor": 1}, seq_len=L)
+    assert torch.equal(inv_freq, rope.theta(D, BASE)) and m == 1.0
+
+
+def test_linear_divides_every_frequency():
+    inv_freq, _ = params({"rope_type": "linear", "factor": 4})
+    assert torch.allclose(inv_freq, rope.theta(D, BASE) / 4)
+
+
+def test_llama3_keeps_fast_and_interpolates_slow_wavelengths():
+    cfg = {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+           "original_max_position_embeddings": 8192}
+    inv_freq, m = rope.rope_parameters(rope.parse_rope_scaling(cfg), 128, 500000.0)
+    t = rope.theta(128, 500000.0)
+    wavelen = 2 * math.pi / t
+    assert torch.equal(inv_freq[wavelen < 8192 / 4], t[wavelen < 8192 / 4])
+    assert torch.allclose(inv_freq[wavelen > 8192], t[wavelen > 8192] / 8)
+    mid = (wavelen >= 2048) & (wavelen <= 8192)
+    assert mid.any() and ((inv_freq[mid] < t[mid]) & (inv_freq[mid] > t[mid] / 8)).all()
+    assert m == 1.0
+
+
+def test_yarn_attention_factor_overrides():
+    base = {"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": L}
+    assert params({**base, "attention_factor": 1.5})[1] == 1.5
+    g = lambda k: 0.1 * k * math.log(16) + 1
+    assert params({**base, "mscale": 0.707, "mscale_all_dim": 1.0})[1] == pytest.approx(g(0.707) / g(1.0))
+    untruncated, _ = params({**base, "truncate": False})
+    truncated, _ = params(base)
+    assert not torch.equal(untruncated, truncated)
+
+
+def test_rotation_preserves_norms_and_relative_positions():
+    inv_freq, _ = params({"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64})
+    cos, sin = rope.cos_sin_tables(inv_freq, 1.0, 200)
+    q, k = torch.randn(D, dtype=torch.float32), torch.randn(D)
+    rq = rope.apply_rotary(q.expand(200, D), cos, sin)
+    rk = rope.apply_rotary(k.expand(200, D), cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm().expand(200), rtol=1e-5)
+    # q at m and k at n depend on m - n only
+    assert torch.allclose(rq[10] @ rk[3], rq[107] @ rk[100], rtol=1e-4, atol=1e-4)
+
+
+def test_older_type_key_is_accepted():
+    assert rope.parse_rope_scaling({"type": "yarn", "factor": 16, "original_max_position_embeddings": 4096,
+                                    "finetuned": True}) == \
+        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "finetuned": True}
+    assert rope.parse_rope_scaling({"type": "default"}) is None
+    assert rope.parse_rope_scaling(None) is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"rope_type": "longrope", "factor": 2}, "unknown rope_type 'longrope'"),
+    ({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}, "factor must be >= 1 for yarn (got 0.5)"),
+    ({"rope_type": "yarn", "factor": 2}, "needs 'original_max_position_embeddings'"),
+    ({"rope_type": "linear"}, "needs a 'factor'"),
+])
+def test_bad_rope_scaling_is_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rope.parse_rope_scaling(bad)
