@@ -135,6 +135,11 @@ class Llama(nn.Module):
         self.activation_checkpointing = False  # train.py turns it on: recompute each block in backward
         self._tables = None  # (length, cos, sin) of a static RoPE, built once for the longest length seen
 
+    def set_rope_scaling(self, rope_scaling):
+        """Switch to another RoPE scaling (HF-style dict, None = plain RoPE); the cached tables are rebuilt."""
+        self.config.rope_scaling = rope.parse_rope_scaling(rope_scaling)
+        self._tables = None
+
     def rope_tables(self, seq_len):
         """cos/sin [seq_len, head_dim] for positions 0..seq_len-1 with the rotation used at length seq_len."""
         cfg, ref = self.config, self.tok_embeddings.weight
@@ -231,9 +236,9 @@ class Llama(nn.Module):
                                     "make one with convert_llama.py")
         raw = json.loads((path / "config.json").read_text())
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-        config = LlamaConfig(**{k: v for k, v in raw.items() if k in fields})
         if rope_scaling is not None:
-            config.rope_scaling = rope.parse_rope_scaling(rope_scaling)
+            raw["rope_scaling"] = rope_scaling
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k in fields})
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:

@@ -1,0 +1,381 @@
+"""Perplexity of one checkpoint under several RoPE scalings, side by side (YaRN paper §4.3, Tables 1-3, Figure 1).
+
+    python eval_ppl.py --plot ppl.png --out results.json   # SmolLM2-135M (trained at 8192) on a book, 2k..16k tokens:
+                                                           # plain RoPE vs PI vs YaRN at factor 2
+    python eval_ppl.py --mode sliding --lengths 1024 2048 --stride 256 --max-docs 5
+    python eval_ppl.py --rope default ntk dynamic yarn dynamic-yarn --factor 2 --data my_docs/ more.jsonl
+    python eval_ppl.py --checkpoint checkpoints/llama-2-7b --rope default '{"rope_type": "yarn", "factor": 4, "beta_fast": 64}'
+
+Modes, for a document of N tokens and an evaluation length W:
+  truncated  (the paper's tables) the document is cut to its first W tokens, one window, W - 1 tokens scored.
+             Static RoPE variants get every length from ONE pass over max(lengths) tokens: attention is causal, so
+             the losses on the first W tokens of a long pass are those of a pass over W tokens. Dynamic variants
+             (rope.DYNAMIC) rescale with the pass length, so they get one pass per length.
+  sliding    Press et al.'s sliding window: windows of W tokens start every --stride tokens, and each window
+             scores only the tokens the previous window did not; all tokens but the first are scored once.
+Reported: the token-weighted mean (exp of the total loss over the total number of scored tokens, over all
+documents), not the mean of per-window means the reference script uses. A document is evaluated at length W only
+if it has at least W tokens. No BOS is prepended: windows are plain slices of the document's tokens (SmolLM2's BOS
+id is the chat marker <|im_start|>; its pre-training documents did not start with one); so the first token of a
+window is context only. Lengths past the checkpoint's max_position_embeddings are allowed: the blow-up there is
+what the evaluation shows.
+
+--rope names the configurations to compare: "default" (or "none") is the checkpoint's own scaling, "plain" is
+unscaled RoPE, a rope_type of rope.py (linear, ntk, dynamic, ntk-by-parts, yarn, dynamic-yarn, llama3) gets
+--factor and --original-max-position-embeddings, and a JSON dict is used as it is (missing factor and original
+length filled in the same way). The model is loaded once; each configuration swaps the cos/sin tables.
+dynamic-yarn scales by max(factor, l/L), factor being the scale the model was fine-tuned with: for a model that
+never was, use '{"rope_type": "dynamic-yarn", "factor": 1}' (with factor 2 it equals yarn up to 2L).
+Data: .txt files (one document each), .jsonl files (one document per line, its "text" field), directories of them
+(searched recursively); documents are taken in the order given. Default: the public-domain books of assets.py.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import rope
+from model import Llama
+from tokenizer import Tokenizer
+
+DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
+SHORTCUTS = ("default", "none", "plain")
+
+
+# ----------------------------------------------------------------------------- model and RoPE configurations
+
+
+def add_model_args(parser, rope_default):
+    """--checkpoint, --rope, --factor, --original-max-position-embeddings (shared with eval_passkey.py)."""
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                        help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}: SmolLM2-135M, fetched when missing)")
+    parser.add_argument("--rope", nargs="+", default=rope_default, metavar="ROPE",
+                        help="configurations to compare: default|none (the checkpoint's own scaling), plain "
+                             f"(unscaled RoPE), a rope_type ({', '.join(rope.TYPES[1:])}) or a JSON dict "
+                             f"(default: {' '.join(rope_default)})")
+    parser.add_argument("--factor", type=float, default=2.0, help="scale factor s for named rope types (default 2)")
+    parser.add_argument("--original-max-position-embeddings", type=int, metavar="L",
+                        help="pre-training context L for named rope types (default: the checkpoint's own, "
+                             "else its max_position_embeddings)")
+
+
+def parse_rope_args(specs):
+    """[(label, dict or shortcut name)] from --rope, checking syntax only (before anything heavy is loaded)."""
+    parsed = []
+    for spec in specs:
+        if spec in SHORTCUTS or spec in rope.TYPES:
+            parsed.append((spec, spec))
+            continue
+        if not spec.lstrip().startswith("{"):
+            raise ValueError(f"--rope {spec!r} is neither {', '.join(SHORTCUTS)}, a rope_type "
+                             f"({', '.join(rope.TYPES)}) nor a JSON dict")
+        try:
+            d = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--rope {spec!r} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"--rope {spec!r} must be a JSON object like '{{\"rope_type\": \"yarn\", \"factor\": 4}}'")
+        rope_type = d.get("rope_type") or d.get("type") or "default"
+        extras = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("rope_type", "type"))
+        parsed.append((f"{rope_type}({extras})" if extras else rope_type, d))
+    labels = [label for label, _ in parsed]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--rope lists the same configuration twice ({' '.join(labels)})")
+    return parsed
+
+
+def rope_methods(parsed, factor, original_max_position_embeddings, config):
+    """[(label, normalized rope_scaling or None)] for the model's config; validated by rope.parse_rope_scaling."""
+    own = config.rope_scaling
+    L = (original_max_position_embeddings or (own or {}).get("original_max_position_embeddings")
+         or config.max_position_embeddings)
+    methods = []
+    for label, spec in parsed:
+        if spec in ("default", "none"):
+            methods.append((label, own))
+        elif spec == "plain":
+            methods.append((label, None))
+        else:
+            d = {"rope_type": spec} if isinstance(spec, str) else spec
+            methods.append((label, rope.parse_rope_scaling({"factor": factor, "original_max_position_embeddings": L,
+                                                            **d})))
+    return methods
+
+
+def load_model(args, parsed_rope):
+    """The checkpoint (SmolLM2 fetched and converted when the default is missing), its tokenizer, the methods."""
+    if args.checkpoint == DEFAULT_CHECKPOINT:
+        import assets
+        assets.ensure_smollm2(args.checkpoint)
+    model = Llama.from_pretrained(args.checkpoint)
+    tok = Tokenizer.from_pretrained(args.checkpoint)
+    return model, tok, rope_methods(parsed_rope, args.factor, args.original_max_position_embeddings, model.config)
+
+
+def is_dynamic(rope_scaling):
+    return rope_scaling is not None and rope_scaling["rope_type"] in rope.DYNAMIC
+
+
+def peak_memory():
+    """Peak memory of this process in bytes: allocated on CUDA, resident set size (weights included) on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write_atomic(path, write):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def load_texts(paths):
+    """[(name, text)]: .txt (or any other) files are one document, .jsonl files one per line ("text" field)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+            if not found:
+                raise ValueError(f"--data {path} has no .txt or .jsonl files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--data {path}: no such file or directory")
+    texts = []
+    for f in files:
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not raw.strip():
+            raise ValueError(f"{f} is empty: remove it from --data")
+        if f.suffix != ".jsonl":
+            texts.append((str(f), raw))
+            continue
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{f}:{i} is not a JSON object with a \"text\" field") from None
+            texts.append((f"{f}:{i}", str(text)))
+    return texts
+
+
+def tokenize(texts, tok, min_tokens, max_docs, device):
+    """[(name, tokens LongTensor [N])] of the first max_docs documents with at least min_tokens tokens."""
+    docs, longest = [], 0
+    for name, text in texts:
+        ids = tok.encode(text)
+        longest = max(longest, len(ids))
+        if len(ids) >= min_tokens:
+            docs.append((name, torch.tensor(ids, device=device)))
+            if max_docs and len(docs) == max_docs:
+                break
+    if not docs:
+        raise ValueError(f"no document has at least {min_tokens} tokens (the longest has {longest}): "
+                         f"lower --lengths / --min-tokens or give longer --data")
+    return docs
+
+
+# ----------------------------------------------------------------------------- the two protocols
+
+
+def token_nll(model, x):
+    """nll [T-1] (fp32) of x[1:] given what precedes, from one forward pass over the T tokens of x (the pass length
+    is T, which is what a dynamic variant scales to; the last token's prediction is not used)."""
+    targets = torch.cat([x[1:], x.new_full((1,), -100)])
+    with torch.inference_mode():
+        return model.nll(x[None], targets[None])[0, :-1]
+
+
+def windows(n, length, stride):
+    """Press et al.: [(start, end, first)] of windows over n tokens starting every `stride` tokens; each window
+    x[start:end] scores tokens first..end-1, those the previous window did not (a window's own first token has no
+    context: it is never scored, nor is token 0)."""
+    out, scored = [], 1
+    for start in range(0, n, stride):
+        end = min(start + length, n)
+        out.append((start, end, max(scored, start + 1)))
+        scored = end
+        if end == n:
+            break
+    return out
+
+
+def sliding_nll(model, doc, length, stride, bar=None):
+    """(total nll, number of scored tokens) of a document with Press et al.'s sliding window."""
+    total, count = 0.0, 0
+    for start, end, first in windows(len(doc), length, stride):
+        nll = token_nll(model, doc[start:end])[first - start - 1:]
+        total, count = total + nll.double().sum().item(), count + nll.numel()
+        if bar is not None:
+            bar.update()
+    return total, count
+
+
+def truncated_nll(model, doc, lengths, bar=None):
+    """{length: (total nll, W - 1)} of the document cut to each length: one pass over max(lengths) tokens for a
+    static variant (prefix sums of the per-token losses), one pass per length for a dynamic one."""
+    if is_dynamic(model.config.rope_scaling) and len(lengths) > 1:
+        return {W: truncated_nll(model, doc, [W], bar)[W] for W in lengths}
+    cumsum = token_nll(model, doc[:max(lengths)]).double().cumsum(0)
+    if bar is not None:
+        bar.update()
+    return {W: (cumsum[W - 2].item(), W - 1) for W in lengths}
+
+
+def n_passes(doc, lengths, mode, stride, dynamic):
+    fits = [W for W in lengths if W <= len(doc)]
+    if mode == "sliding":
+        return sum(len(windows(len(doc), W, stride)) for W in fits)
+    return len(fits) if dynamic else min(len(fits), 1)
+
+
+def evaluate(model, docs, methods, lengths, mode="truncated", stride=256):
+    """{label: {length: [(total nll, scored tokens) per document, None where it is shorter than length]}}."""
+    bar = tqdm(total=sum(n_passes(doc, lengths, mode, stride, is_dynamic(scaling)) for _, scaling in methods
+                         for _, doc in docs), desc="forward passes", unit="pass")
+    results = {}
+    for label, scaling in methods:
+        model.set_rope_scaling(scaling)
+        per_doc = []
+        for _, doc in docs:
+            fits = [W for W in lengths if W <= len(doc)]
+            if mode == "sliding":
+                per_doc.append({W: sliding_nll(model, doc, W, stride, bar) for W in fits})
+            else:
+                per_doc.append(truncated_nll(model, doc, fits, bar) if fits else {})
+        results[label] = {W: [d.get(W) for d in per_doc] for W in lengths}
+    bar.close()
+    return results
+
+
+def perplexity(pairs):
+    """Token-weighted: exp(total nll / total scored tokens) over the (total, count) pairs that exist."""
+    pairs = [p for p in pairs if p is not None]
+    return math.exp(sum(t for t, _ in pairs) / sum(c for _, c in pairs))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def table(results, lengths, title):
+    width = max(len("method"), *map(len, results)) + 2
+    lines = [title, f"{'method':<{width}}" + "".join(f"{W:>10}" for W in lengths)]
+    for label, by_length in results.items():
+        lines.append(f"{label:<{width}}" + "".join(f"{perplexity(by_length[W]):>10.3f}" for W in lengths))
+    return "\n".join(lines)
+
+
+def plot(results, lengths, trained_length, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, by_length in results.items():
+        ax.plot(lengths, [perplexity(by_length[W]) for W in lengths], marker="o", label=label)
+    ax.axvline(trained_length, color="gray", linestyle=":", label=f"max_position_embeddings ({trained_length})")
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (token-weighted, log scale)", yscale="log")
+    ax.set_title(title, fontsize=9)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=120))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, rope_default=["default", "linear", "yarn"])
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help=".txt / .jsonl files or directories of them (default: the books of assets.py)")
+    parser.add_argument("--mode", choices=["truncated", "sliding"], default="truncated",
+                        help="truncated: one window per document, cut to each length (the paper's tables, default); "
+                             "sliding: Press et al.'s sliding window with --stride")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048 * i for i in range(1, 9)], metavar="W",
+                        help="evaluation lengths in tokens (default 2048 4096 ... 16384)")
+    parser.add_argument("--stride", type=int, default=256, help="sliding-window stride S (default 256, the paper's)")
+    parser.add_argument("--min-tokens", type=int, help="use documents with at least this many tokens "
+                                                       "(default: the largest length)")
+    parser.add_argument("--max-docs", type=int, default=1, help="number of documents (default 1; the paper: 10)")
+    parser.add_argument("--out", help="write every number (per document too) and the settings to this JSON file")
+    parser.add_argument("--plot", help="write perplexity against length, one line per method, to this PNG")
+    args = parser.parse_args()
+    lengths = sorted(set(args.lengths))
+    if lengths[0] < 2:
+        raise ValueError(f"--lengths must be at least 2 tokens (got {lengths[0]})")
+    if args.mode == "sliding" and not 1 <= args.stride <= lengths[0]:
+        raise ValueError(f"--stride must be between 1 and the smallest length ({lengths[0]}), got {args.stride}")
+    if args.max_docs < 1:
+        raise ValueError(f"--max-docs must be at least 1 (got {args.max_docs})")
+    min_tokens = args.min_tokens or lengths[-1]
+    parsed_rope = parse_rope_args(args.rope)
+    t0 = time.time()
+    if args.data is None:
+        import assets
+        args.data = [str(p) for p in assets.ensure_books()]
+    texts = load_texts(args.data)
+    model, tok, methods = load_model(args, parsed_rope)
+    docs = tokenize(texts, tok, min_tokens, args.max_docs, model.tok_embeddings.weight.device)
+    for W in lengths:
+        if not any(len(doc) >= W for _, doc in docs):
+            raise ValueError(f"no document has {W} tokens (--lengths); the longest has {max(len(d) for _, d in docs)}")
+    for label, scaling in methods:
+        print(f"{label}: rope_scaling = {json.dumps(scaling)}")
+    print(f"{len(docs)} document(s): " + ", ".join(f"{name} ({len(doc)} tokens)" for name, doc in docs))
+
+    results = evaluate(model, docs, methods, lengths, args.mode, args.stride)
+    wall, peak = time.time() - t0, peak_memory()
+    what = "truncated: one window per document and length" if args.mode == "truncated" else \
+        f"sliding window, stride {args.stride}"
+    title = f"{Path(args.checkpoint).name}, {len(docs)} document(s), {what}"
+    print(table(results, lengths, f"perplexity (token-weighted mean), {title}"))
+    print(f"wall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
+          f"({'CUDA allocated' if torch.cuda.is_available() else 'peak RSS'})")
+    if args.out:
+        report = {
+            "settings": {**vars(args), "lengths": lengths, "min_tokens": min_tokens,
+                         "rope_scaling": dict(methods), "mean": "token-weighted", "bos": False,
+                         "dtype": str(model.tok_embeddings.weight.dtype), "device": str(model.tok_embeddings.weight.device),
+                         "max_position_embeddings": model.config.max_position_embeddings},
+            "documents": [{"name": name, "tokens": len(doc)} for name, doc in docs],
+            "perplexity": {label: {W: perplexity(r[W]) for W in lengths} for label, r in results.items()},
+            "per_document": {label: {W: [None if p is None else {"name": name, "nll_sum": p[0], "tokens": p[1],
+                                                                   "perplexity": math.exp(p[0] / p[1])}
+                                         for (name, _), p in zip(docs, r[W])] for W in lengths}
+                             for label, r in results.items()},
+            "wall_seconds": wall, "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_max_memory_allocated" if torch.cuda.is_available() else "peak_rss",
+        }
+        write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+        print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, lengths, model.config.max_position_embeddings, title, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"eval_ppl.py: error: {e}")

@@ -1,0 +1,112 @@
+"""eval_passkey.py: the SPEC §4 prompt byte for byte, prompts that just fit their length, scoring with test doubles
+of generate, and the command line."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_passkey
+from conftest import write_hf_llama
+from convert_llama import convert
+from model import Llama
+from test_eval_ppl import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("passkey")
+    write_hf_llama(tmp / "hf", max_position_embeddings=256, vocab_size=258)
+    convert(tmp / "hf", tmp / "ours")
+    byte_tokenizer().save_pretrained(tmp / "ours")
+    return tmp / "ours"
+
+
+def test_prompt_is_the_spec_text():
+    expected = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there.\n"
+                "The grass is green. The sky is blue. The sun is yellow.\n"
+                "The pass key is 31337. Remember it. 31337 is the pass key.\n"
+                "Here we go. There and back again. The grass is green. The sky is blue.\n"
+                "What is the pass key? The pass key is")
+    assert eval_passkey.prompt(31337, 7, 0.4) == expected
+    assert eval_passkey.prompt(5, 2, 0.0) == (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.\n\n"
+        "The pass key is 5. Remember it. 5 is the pass key.\n"
+        "The grass is green. The sky is blue.\n"
+        "What is the pass key? The pass key is")
+
+
+@pytest.mark.parametrize("length", [260, 400, 1234])
+@pytest.mark.parametrize("depth", [0, 0.3, 1])
+def test_prompt_just_fits_the_length(length, depth):
+    tok = byte_tokenizer()
+    ids = eval_passkey.fit_prompt(tok, 4242, depth, length)
+    text = tok.decode(ids)
+    n = sum(text.count(sentence) for sentence in eval_passkey.FILLER)
+    assert text == eval_passkey.prompt(4242, n, depth)
+    assert len(ids) <= length < len(tok.encode(eval_passkey.prompt(4242, n + 1, depth)))  # one more sentence won't fit
+    assert length - len(ids) <= max(len(s) for s in eval_passkey.FILLER) + 1  # bytes = tokens here
+
+
+def answering(tok, offset):
+    """A test double of Llama.generate that reads the key in the prompt and answers key + offset."""
+    def generate(tokens, max_new_tokens, **kwargs):
+        key = int(re.search(r"The pass key is (\d+)", tok.decode(tokens[0].tolist())).group(1))
+        answer = tok.encode(f" {key + offset}. What else?")[:max_new_tokens]
+        return torch.cat([tokens, torch.tensor([answer])], dim=1)
+    return generate
+
+
+def test_right_answers_score_100_and_wrong_answers_0(checkpoint):
+    model, tok = Llama.from_pretrained(checkpoint), byte_tokenizer()
+    methods = [("default", None), ("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256})]
+    cells = eval_passkey.build_prompts(tok, [300, 400], [0, 0.5, 1], trials=3, seed=7)
+    assert cells == eval_passkey.build_prompts(tok, [300, 400], [0, 0.5, 1], trials=3, seed=7)  # seeded
+    model.generate = answering(tok, 0)
+    right = eval_passkey.evaluate(model, tok, methods, cells)
+    model.generate = answering(tok, 1)
+    wrong = eval_passkey.evaluate(model, tok, methods, cells)
+    for label, _ in methods:
+        for L in (300, 400):
+            for d in (0, 0.5, 1):
+                assert eval_passkey.accuracy(right[label][L][d]) == 1.0
+                assert eval_passkey.accuracy(wrong[label][L][d]) == 0.0
+                assert all(t["tokens"] <= L for t in right[label][L][d])
+    keys = [[t["key"] for t in right[label][L][d]] for label, _ in methods for L in (300, 400) for d in (0, 0.5, 1)]
+    assert keys[:6] == keys[6:]  # every method sees the same prompts
+    assert all(1 <= k <= 50000 for cell in keys for k in cell) and len({k for cell in keys for k in cell}) > 1
+
+
+def run(script, *args, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_cli_writes_table_json_and_heatmap(checkpoint, tmp_path):
+    proc = run("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, "--depths", 0, 1, "--trials", 1,
+               "--rope", "default", "yarn", "--out", "r.json", "--plot", "p.png", cwd=tmp_path)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "accuracy" in out and "yarn" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["trials"]) == {"default", "yarn"}
+    assert report["accuracy"]["yarn"]["300"].keys() == {"0.0", "1.0"} and len(report["trials"]["yarn"]["300"]["1.0"]) == 1
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_is_one_line_on_stderr(checkpoint, tmp_path):
+    cases = {"length shorter than the bare prompt": ["--lengths", 50],
+             "depth outside 0..1": ["--depths", 0.5, 1.5]}
+    procs = {case: run("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, *args, cwd=tmp_path)
+             for case, args in cases.items()}  # run together: most of each is starting Python and torch
+    for case, proc in procs.items():
+        _, err = proc.communicate()
+        lines = err.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("eval_passkey.py: error: "), (case, err)
