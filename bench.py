@@ -14,9 +14,9 @@ Cases, each a closure run the same way for both sides:
           first runs, and every later run of it is one decode step
 Each case of each side runs in its own fresh process, so that its peak memory is its own: peak RSS of that process on
 CPU (absolute: weights, inputs, framework and compute together, nothing subtracted), torch.cuda.max_memory_allocated
-on CUDA. Each process does one short warm-up run, then the timed runs, ours and HF's alternated so that other load on
-the machine hits both alike; figures are medians. MFU is model FLOPs (see `flops`) per second over the best of
-several 2048x2048 matmuls of the same dtype on the same machine. The HF side loads the GGUF once (transformers
+on CUDA. Each process does one warm-up run (full size up to 4096 tokens), then the timed runs, ours and HF's
+alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs (see `flops`)
+per second over the best of several 2048x2048 matmuls of the same dtype on the same machine. The HF side loads the GGUF once (transformers
 needs the `gguf` package for that) and saves it as an HF directory for its processes; without transformers
 installed, or with --no-hf, only our side runs.
 """
@@ -39,6 +39,7 @@ from model import Llama, LlamaConfig
 DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
 QUICK = {"score": [1024], "train": [512], "decode": [256, 16]}
+WARMUP_MAX = 4096
 
 
 def flops(cfg, new_tokens, past=0, head_tokens=None):
@@ -149,11 +150,13 @@ def worker(conn, job):
             run(x)
             return {"seconds": clock(device) - t0}
 
-        # warm-up (threads, kernels, optimizer state) on at most 256 tokens, so that a 16k case does not run twice
+        # warm-up (threads, kernels, optimizer state, the allocator's buffers) at full size up to WARMUP_MAX tokens,
+        # on 256 tokens above it, so that an 8k or 16k case does not run one more time
+        warm = job["tokens"] if job["tokens"] <= WARMUP_MAX else 256
         if job["case"] == "decode":
-            run(x[:, :min(job["tokens"], 256)], min(job["new_tokens"], 4))
+            run(x[:, :warm], job["new_tokens"])
         else:
-            run(x[:, :min(job["tokens"], 256) + 1])
+            run(x[:, :warm + 1])
         conn.send("ready")
         while conn.recv() == "run":
             conn.send(timed())

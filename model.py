@@ -41,6 +41,16 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
+    @classmethod
+    def from_checkpoint(cls, path, **overrides):
+        """The config of a checkpoint directory (its config.json; other keys, such as "source", are ignored)."""
+        path = Path(path)
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (needs config.json and model.safetensors); "
+                                    "make one with convert_llama.py")
+        raw = {**json.loads((path / "config.json").read_text()), **overrides}
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
         self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling)
@@ -231,14 +241,7 @@ class Llama(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (needs config.json and model.safetensors); "
-                                    "make one with convert_llama.py")
-        raw = json.loads((path / "config.json").read_text())
-        fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-        if rope_scaling is not None:
-            raw["rope_scaling"] = rope_scaling
-        config = LlamaConfig(**{k: v for k, v in raw.items() if k in fields})
+        config = LlamaConfig.from_checkpoint(path, **({} if rope_scaling is None else {"rope_scaling": rope_scaling}))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:

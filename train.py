@@ -435,10 +435,7 @@ def export_hf(model_dir, out_dir):
     from safetensors.torch import load_file, save_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (needs config.json and model.safetensors)")
-    raw = json.loads((model_dir / "config.json").read_text())
-    cfg = LlamaConfig(**{f.name: raw[f.name] for f in dataclasses.fields(LlamaConfig) if f.name in raw})
+    cfg = LlamaConfig.from_checkpoint(model_dir)
     rope_theta, rope_scaling, max_position_embeddings = hf_rope(cfg)
     state = {}
     for name, tensor in load_file(model_dir / "model.safetensors").items():
@@ -515,11 +512,7 @@ def train(args, device):
     torch.manual_seed(args.seed)
 
     # the model to fine-tune, and the scaling it is fine-tuned with
-    if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--model {src} is not a checkpoint directory (needs config.json and "
-                                "model.safetensors): make one with convert_llama.py")
-    raw = json.loads((src / "config.json").read_text())
-    config = LlamaConfig(**{f.name: raw[f.name] for f in dataclasses.fields(LlamaConfig) if f.name in raw})
+    config = LlamaConfig.from_checkpoint(src)
     original = (config.rope_scaling or {}).get("original_max_position_embeddings") or config.max_position_embeddings
     seq_len = args.seq_len or round(args.scale * original)
     scaling = {"rope_type": args.rope, "factor": args.scale, "original_max_position_embeddings": original,
