@@ -56,7 +56,9 @@ def sha256(path):
 
 
 def write_atomic(path, write):
-    """Call write(f) on a temporary file in path's folder, then rename it to `path`."""
+    """Call write(f) on a binary file open at a temporary name in path's folder, then rename it to `path`: a file
+    that exists is complete. The one way every script here writes a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

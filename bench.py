@@ -16,9 +16,9 @@ Each case of each side runs in its own fresh process, so that its peak memory is
 CPU (absolute: weights, inputs, framework and compute together, nothing subtracted), torch.cuda.max_memory_allocated
 on CUDA. Each process does one warm-up run (full size up to 4096 tokens), then the timed runs, ours and HF's
 alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs (see `flops`)
-per second over the best of several 2048x2048 matmuls of the same dtype on the same machine. The HF side loads the GGUF once (transformers
-needs the `gguf` package for that) and saves it as an HF directory for its processes; without transformers
-installed, or with --no-hf, only our side runs.
+per second over the best of several 2048x2048 matmuls of the same dtype on the same machine. The HF side loads the
+GGUF once (transformers needs the `gguf` package for that) and saves it as an HF directory for its processes; without
+transformers installed, or with --no-hf, only our side runs.
 """
 import argparse
 import json
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import assets
 from model import Llama, LlamaConfig
 
 DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
@@ -242,8 +243,6 @@ def hf_directory(args, tmp):
         return args.hf
     from transformers import LlamaForCausalLM
 
-    if not args.gguf:
-        import assets
     gguf = Path(args.gguf) if args.gguf else assets.smollm2_gguf()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} not found; pass --gguf PATH or --no-hf")
@@ -318,13 +317,8 @@ def main():
         raise ValueError(f"--repeats must be at least 1 (got {args.repeats})")
     checkpoint = Path(args.checkpoint)
     if args.checkpoint == DEFAULT_CHECKPOINT and not checkpoint.exists():
-        import assets
         checkpoint = assets.ensure_smollm2(DEFAULT_CHECKPOINT)
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (needs config.json); "
-                                "make one with convert_llama.py")
-    cfg = LlamaConfig(**{k: v for k, v in json.loads((checkpoint / "config.json").read_text()).items()
-                         if k in LlamaConfig.__dataclass_fields__})
+    cfg = LlamaConfig.from_checkpoint(checkpoint)
     hf = not args.no_hf
     if hf:
         try:
@@ -379,10 +373,7 @@ def main():
               "peak_memory": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
               "results": results}
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out)
+        assets.write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval_ppl import add_model_args, load_model, parse_rope_args, peak_memory, write_atomic
+from assets import write_atomic
+from eval_ppl import add_model_args, load_model, parse_rope_args, peak_memory
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -126,7 +127,7 @@ def plot(results, lengths, depths, path):
     axes[0][0].set_ylabel("length (tokens)")
     fig.suptitle("passkey retrieval accuracy (%)")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=120))
+    write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=120))
 
 
 def main():
@@ -165,7 +166,7 @@ def main():
                   "accuracy": {label: {L: {d: accuracy(r[L][d]) for d in depths} for L in lengths}
                                for label, r in results.items()},
                   "trials": results, "wall_seconds": wall, "peak_memory_bytes": peak}
-        write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+        write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, depths, args.plot)

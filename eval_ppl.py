@@ -32,7 +32,6 @@ Data: .txt files (one document each), .jsonl files (one document per line, its "
 import argparse
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import rope
+from assets import write_atomic
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -128,16 +128,6 @@ def peak_memory():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def write_atomic(path, write):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- documents
@@ -301,7 +291,7 @@ def plot(results, lengths, trained_length, title, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=120))
+    write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=120))
 
 
 def main():
@@ -367,7 +357,7 @@ def main():
             "wall_seconds": wall, "peak_memory_bytes": peak,
             "peak_memory_kind": "cuda_max_memory_allocated" if torch.cuda.is_available() else "peak_rss",
         }
-        write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+        write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, model.config.max_position_embeddings, title, args.plot)

@@ -16,7 +16,6 @@ Text that spells a special token ("<|eot_id|>", "<s>") is encoded as plain text;
 """
 import base64
 import json
-import os
 import re
 import struct
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import regex
 import sentencepiece
 import tiktoken
+
+from assets import write_atomic
 
 # Meta's llama3/tokenizer.py
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -81,12 +82,6 @@ def sentencepiece_model(tokens, scores, types, unk_id, bos_id, eos_id, add_dummy
                + protobuf_field(40, unk_id) + protobuf_field(41, bos_id) + protobuf_field(42, eos_id))
     normalizer = protobuf_field(1, "identity") + protobuf_field(3, add_dummy_prefix) + protobuf_field(4, False)
     return pieces + protobuf_field(2, trainer) + protobuf_field(3, normalizer)
-
-
-def write_atomic(path, data):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -166,13 +161,14 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.sp is not None:
-            write_atomic(path / "tokenizer.model", self.sp.serialized_model_proto())
+            write_atomic(path / "tokenizer.model", lambda f: f.write(self.sp.serialized_model_proto()))
             return
         ranks = sorted(self.ranks.items(), key=lambda item: item[1])
-        write_atomic(path / "tokenizer.model", b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks))
+        write_atomic(path / "tokenizer.model",
+                     lambda f: f.write(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks)))
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
-        write_atomic(path / "tiktoken.json", json.dumps(meta, indent=1).encode())
+        write_atomic(path / "tiktoken.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text) if self.sp is not None else self.encode_bpe(text)

@@ -296,12 +296,6 @@ def print_plan(n_gpus=8, gpu_gib=80):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def replace_dir(tmp, dst):
     """Move the finished directory tmp to dst; an older dst is moved aside first and removed after."""
     old = dst.with_name(f".{dst.name}.old")
@@ -333,10 +327,10 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, keep):
     torch.save(rng_states(), tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
+        assets.write_atomic(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
         shutil.rmtree(final, ignore_errors=True)  # the same step, redone after a crash before `latest` moved
         os.replace(tmp, final)
-        write_atomic(out_dir / "latest", final.name)
+        assets.write_atomic(out_dir / "latest", lambda f: f.write(final.name.encode()))
         for old in step_dirs(out_dir)[:-keep] if keep else []:
             shutil.rmtree(old)
     dist.barrier()
@@ -572,10 +566,11 @@ def train(args, device):
         if args.overwrite:
             shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "run.json", json.dumps(run_settings(args), indent=2))
+        assets.write_atomic(out_dir / "run.json", lambda f: f.write(json.dumps(run_settings(args), indent=2).encode()))
         log_path = out_dir / "log.jsonl"  # keep the lines up to the step we resume from
         lines = log_path.read_text().splitlines() if start and log_path.exists() else []
-        write_atomic(log_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
+        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= start)
+        assets.write_atomic(log_path, lambda f: f.write(kept.encode()))
         n_params = sum(p.numel() for p in model.parameters())
         tokens_per_step = args.batch_size * seq_len
         print(f"{src}: {n_params / 1e6:.1f}M parameters, rope_scaling {config.rope_scaling}\n"
