@@ -11,6 +11,7 @@ the archives (written atomically, so one that exists is complete).
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,10 @@ def write_atomic(path, write):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def archive(package, version):

@@ -21,11 +21,9 @@ GGUF once (transformers needs the `gguf` package for that) and saves it as an HF
 transformers installed, or with --no-hf, only our side runs.
 """
 import argparse
-import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 import assets
+from eval_ppl import peak_memory
 from model import Llama, LlamaConfig
 
 DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
@@ -125,12 +124,6 @@ def decode_case(model, side, device):
                            max_new_tokens=n, pad_token_id=model.config.eos_token_id)
         return list(times)
     return run
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def worker(conn, job):
@@ -373,7 +366,7 @@ def main():
               "peak_memory": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
               "results": results}
     if args.out:
-        assets.write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        assets.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from assets import write_atomic
+from assets import write_atomic, write_json
 from eval_ppl import add_model_args, load_model, parse_rope_args, peak_memory
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -155,7 +155,7 @@ def main():
         print(f"{label}: rope_scaling = {json.dumps(scaling)}")
 
     results = evaluate(model, tok, methods, cells)
-    wall, peak = time.time() - t0, peak_memory()
+    wall, peak = time.time() - t0, peak_memory(model.tok_embeddings.weight.device)
     print(table(results, lengths, depths))
     print(f"{args.trials} trial(s) per cell, wall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
           f"({'CUDA allocated' if torch.cuda.is_available() else 'peak RSS'})")
@@ -166,7 +166,7 @@ def main():
                   "accuracy": {label: {L: {d: accuracy(r[L][d]) for d in depths} for L in lengths}
                                for label, r in results.items()},
                   "trials": results, "wall_seconds": wall, "peak_memory_bytes": peak}
-        write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, depths, args.plot)

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 import rope
-from assets import write_atomic
+from assets import write_atomic, write_json
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -123,11 +123,11 @@ def is_dynamic(rope_scaling):
     return rope_scaling is not None and rope_scaling["rope_type"] in rope.DYNAMIC
 
 
-def peak_memory():
-    """Peak memory of this process in bytes: allocated on CUDA, resident set size (weights included) on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_memory(device):
+    """Peak memory of this process in bytes: allocated on a CUDA device, resident set size (weights included) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- documents
@@ -335,7 +335,7 @@ def main():
     print(f"{len(docs)} document(s): " + ", ".join(f"{name} ({len(doc)} tokens)" for name, doc in docs))
 
     results = evaluate(model, docs, methods, lengths, args.mode, args.stride)
-    wall, peak = time.time() - t0, peak_memory()
+    wall, peak = time.time() - t0, peak_memory(model.tok_embeddings.weight.device)
     what = "truncated: one window per document and length" if args.mode == "truncated" else \
         f"sliding window, stride {args.stride}"
     title = f"{Path(args.checkpoint).name}, {len(docs)} document(s), {what}"
@@ -357,7 +357,7 @@ def main():
             "wall_seconds": wall, "peak_memory_bytes": peak,
             "peak_memory_kind": "cuda_max_memory_allocated" if torch.cuda.is_available() else "peak_rss",
         }
-        write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, model.config.max_position_embeddings, title, args.plot)

@@ -24,7 +24,7 @@ import regex
 import sentencepiece
 import tiktoken
 
-from assets import write_atomic
+from assets import write_atomic, write_json
 
 # Meta's llama3/tokenizer.py
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -168,7 +168,7 @@ class Tokenizer:
                      lambda f: f.write(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks)))
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
-        write_atomic(path / "tiktoken.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        write_json(path / "tiktoken.json", meta)
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text) if self.sp is not None else self.encode_bpe(text)

@@ -327,7 +327,7 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, keep):
     torch.save(rng_states(), tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        assets.write_atomic(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        assets.write_json(tmp / "meta.json", meta)
         shutil.rmtree(final, ignore_errors=True)  # the same step, redone after a crash before `latest` moved
         os.replace(tmp, final)
         assets.write_atomic(out_dir / "latest", lambda f: f.write(final.name.encode()))
@@ -566,7 +566,7 @@ def train(args, device):
         if args.overwrite:
             shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        assets.write_atomic(out_dir / "run.json", lambda f: f.write(json.dumps(run_settings(args), indent=2).encode()))
+        assets.write_json(out_dir / "run.json", run_settings(args))
         log_path = out_dir / "log.jsonl"  # keep the lines up to the step we resume from
         lines = log_path.read_text().splitlines() if start and log_path.exists() else []
         kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= start)
