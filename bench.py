@@ -1,8 +1,8 @@
-"""Speed and memory of our Llama next to Hugging Face transformers' LlamaForCausalLM, same weights, dtype and threads.
+"""Speed and memory of our Llama next to Hugging Face transformers' LlamaForCausalLM: same weights, threads and work.
 
-    python bench.py                      # SmolLM2-135M: score 1k..16k, train step 1k/2k, decode 64 after 2k
-    python bench.py --quick              # a subset in under two minutes
-    python bench.py --score 16384 --train --decode --repeats 1 --out bench-16k.json
+    python bench.py --out bench.json     # SmolLM2-135M: score 1k..16k, train step 1k/2k, decode 64 after 2k, fp32 and bf16
+    python bench.py --quick              # a subset in a few minutes
+    python bench.py --score 16384 --train --decode --modes bfloat16 --repeats 1
     python bench.py --checkpoint DIR --hf HF_DIR   # any checkpoint of ours and the same weights as an HF directory
 
 Cases, each a closure run the same way for both sides:
@@ -12,72 +12,53 @@ Cases, each a closure run the same way for both sides:
   decode  greedy decoding of N tokens after a P-token prompt through the KV cache (ours: model.generate;
           HF: generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)); the prefill ends when the final norm
           first runs, and every later run of it is one decode step
+Modes (--modes): float32; bfloat16, bf16 weights for score and decode (RMSNorm, RoPE, softmax statistics and the loss
+stay in fp32 on our side), and for train bf16 compute over fp32 master weights and AdamW state, as each side trains
+in bf16 (ours: FSDP2's MixedPrecisionPolicy, as train.py; HF: torch.autocast, as its Trainer's bf16=True); autocast,
+fp32 weights under torch.autocast(bfloat16) on both sides.
 Each case of each side runs in its own fresh process, so that its peak memory is its own: peak RSS of that process on
 CPU (absolute: weights, inputs, framework and compute together, nothing subtracted), torch.cuda.max_memory_allocated
 on CUDA. Each process does one warm-up run (full size up to 4096 tokens), then the timed runs, ours and HF's
-alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs (see `flops`)
-per second over the best of several 2048x2048 matmuls of the same dtype on the same machine. The HF side loads the
-GGUF once (transformers needs the `gguf` package for that) and saves it as an HF directory for its processes; without
-transformers installed, or with --no-hf, only our side runs.
+alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs
+(LlamaConfig.flops) per second over the best of several 2048x2048 matmuls of the compute dtype on the same machine.
+The HF side loads the GGUF once (transformers needs the `gguf` package for that) and saves it as an HF directory for
+its processes; without transformers installed, or with --no-hf, only our side runs.
 """
-import argparse
+import contextlib
 import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import assets
-from eval_ppl import peak_memory
+from common import (DEFAULT_CHECKPOINT, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
+                    peak_memory, write_json)
 from model import Llama, LlamaConfig
 
-DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
 QUICK = {"score": [1024], "train": [512], "decode": [256, 16]}
+MODES = ("float32", "bfloat16", "autocast")
 WARMUP_MAX = 4096
 
 
-def flops(cfg, new_tokens, past=0, head_tokens=None):
-    """Model FLOPs of one forward over new_tokens positions that follow `past` cached ones (no recomputation).
-    2 per multiply-add: 2·N_matmul per token (N_matmul = the weights of every linear layer; the output head only for
-    head_tokens positions), plus attention: q·k and p·v cost 2·2·d_attn per (query, key) pair and layer, with
-    d_attn = n_heads·head_dim and only the causal pairs counted: past·T + T(T+1)/2 for T new tokens.
-    A training step is 3 forwards' worth (backward = 2x forward)."""
-    d_attn, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    n_body = cfg.n_layers * (2 * cfg.dim * d_attn + 2 * cfg.dim * d_kv + 3 * cfg.dim * cfg.hidden_dim)
-    n_head = cfg.vocab_size * cfg.dim
-    pairs = past * new_tokens + new_tokens * (new_tokens + 1) // 2
-    head_tokens = new_tokens if head_tokens is None else head_tokens
-    return 2 * n_body * new_tokens + 2 * n_head * head_tokens + 2 * 2 * d_attn * cfg.n_layers * pairs
+# ---- one side, one case, one mode: what runs inside a worker process ----
 
-
-def matmul_peak(dtype, device, n=2048, repeats=6):
-    """Best FLOP/s of an n x n by n x n matmul: the machine's practical peak for this dtype."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = clock(device)
-        a @ b
-        best = min(best, clock(device) - t)
-    return 2 * n ** 3 / best
-
-
-def clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-# ---- one side, one case: what runs inside a worker process ----
-
-def load(side, path, dtype, device):
+def load(side, path, mode, device, train):
+    dtype = torch.bfloat16 if mode == "bfloat16" and not train else torch.float32
     if side == "ours":
-        return Llama.from_pretrained(path, dtype=dtype, device=device)
+        model = Llama.from_pretrained(path, dtype=dtype, device=device)
+        if train and mode == "bfloat16":  # train.py's way: bf16 compute, fp32 master weights and gradient reduction
+            import torch.distributed as dist
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            from train import shard
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), compile=False)
+        return model
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
 
@@ -86,42 +67,52 @@ def load(side, path, dtype, device):
     return LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
 
-def score_case(model, side, device):
+def compute_context(side, mode, device, train):
+    """torch.autocast in the autocast mode, and for HF's bf16 training (its Trainer's bf16=True)."""
+    if mode == "autocast" or (mode == "bfloat16" and train and side == "hf"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def score_case(model, side, context):
     @torch.inference_mode()
     def run(x):
-        if side == "ours":
-            return model.nll(x[:, :-1], x[:, 1:]).mean()
-        return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # HF shifts the labels itself
+        with context:
+            if side == "ours":
+                return model.nll(x[:, :-1], x[:, 1:]).mean()
+            return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # HF shifts the labels itself
     return run
 
 
-def train_case(model, side, device):
+def train_case(model, side, context):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def run(x):
-        if side == "ours":
-            loss = model.nll(x[:, :-1], x[:, 1:]).mean()
-        else:
-            loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        with context:
+            if side == "ours":
+                loss = model.nll(x[:, :-1], x[:, 1:]).mean()
+            else:
+                loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return run
 
 
-def decode_case(model, side, device):
+def decode_case(model, side, context, device):
     """run(prompt, n) -> the times at which the final norm finished, one per forward (prefill, then each step)."""
     times = []
     (model.norm if side == "ours" else model.model.norm).register_forward_hook(lambda *_: times.append(clock(device)))
 
     def run(prompt, n):
         times.clear()
-        if side == "ours":
-            model.generate(prompt, n)
-        else:
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, min_new_tokens=n,
-                           max_new_tokens=n, pad_token_id=model.config.eos_token_id)
+        with context:
+            if side == "ours":
+                model.generate(prompt, n)
+            else:
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, min_new_tokens=n,
+                               max_new_tokens=n, pad_token_id=model.config.eos_token_id)
         return list(times)
     return run
 
@@ -130,9 +121,11 @@ def worker(conn, job):
     """Load one side, warm up once, then answer each "run" from the driver with that run's timings."""
     try:
         torch.set_num_threads(job["threads"])
-        device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
-        model = load(job["side"], job["path"], dtype, device)
-        run = {"score": score_case, "train": train_case, "decode": decode_case}[job["case"]](model, job["side"], device)
+        device, train = torch.device(job["device"]), job["case"] == "train"
+        model = load(job["side"], job["path"], job["mode"], device, train)
+        context = compute_context(job["side"], job["mode"], device, train)
+        run = decode_case(model, job["side"], context, device) if job["case"] == "decode" else \
+            {"score": score_case, "train": train_case}[job["case"]](model, job["side"], context)
         x = torch.randint(0, job["vocab_size"], (1, job["tokens"] + 1), generator=torch.Generator().manual_seed(0))
         x = x.to(device)
 
@@ -172,7 +165,7 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker, args=(child, job), daemon=True)
         self.proc.start()
-        self.name = f"{job['side']} {job['case']} {job['tokens']}"
+        self.name = f"{job['side']} {job['case']} {job['tokens']} {job['mode']}"
         self.receive()
 
     def receive(self):
@@ -217,16 +210,15 @@ def measure(jobs, repeats):
 def summarize(case, tokens, new_tokens, timing, cfg, peak):
     """tokens/s and MFU from the median timings of one side."""
     if case == "decode":
-        context = tokens + new_tokens / 2  # the average context a decode step attends to
-        step_flops = flops(cfg, 1, past=context, head_tokens=1)
+        step_flops = cfg.flops(1, past=tokens + new_tokens // 2, head_tokens=1)  # the average context of a step
         return {"prefill_s": timing["prefill_s"], "prefill_tokens_per_s": tokens / timing["prefill_s"],
-                "prefill_mfu": flops(cfg, tokens, head_tokens=1) / timing["prefill_s"] / peak,
+                "prefill_mfu": cfg.flops(tokens, head_tokens=1) / timing["prefill_s"] / peak,
                 "decode_tokens_per_s": 1 / timing["decode_s_per_token"],
                 "decode_mfu": step_flops / timing["decode_s_per_token"] / peak,
                 "peak_memory_bytes": timing["peak_memory_bytes"], "runs": timing["runs"]}
-    f = flops(cfg, tokens) * (3 if case == "train" else 1)
+    flops = cfg.flops(tokens) * (3 if case == "train" else 1)
     return {"seconds": timing["seconds"], "tokens_per_s": tokens / timing["seconds"],
-            "mfu": f / timing["seconds"] / peak, "peak_memory_bytes": timing["peak_memory_bytes"],
+            "mfu": flops / timing["seconds"] / peak, "peak_memory_bytes": timing["peak_memory_bytes"],
             "runs": timing["runs"]}
 
 
@@ -254,63 +246,77 @@ LABELS = {"tokens_per_s": "tokens/s", "mfu": "MFU", "prefill_s": "prefill s", "d
           "prefill_mfu": "prefill MFU", "decode_mfu": "decode MFU", "peak_memory_bytes": "peak memory"}
 
 
-def table(results, hf):
-    rows = [("case", "metric", "ours", "HF", "ours/HF")]
+def table(results, modes, hf):
+    """One row per case and metric; per mode ours, HF and ours/HF, and ours in bf16 over HF in fp32."""
+    head = ["case", "metric"] + [f"{side} {mode}" for mode in modes for side in (("ours", "HF", "ratio") if hf
+                                                                                  else ("ours",))]
+    switch = hf and {"float32", "bfloat16"} <= set(modes)
+    rows = [head + (["ours bf16 / HF fp32"] if switch else [])]
     for r in results:
         name = f"{r['case']} {r['tokens']}" + (f"+{r['new_tokens']}" if r["case"] == "decode" else "")
         metrics = ["prefill_s", "decode_tokens_per_s", "prefill_mfu", "decode_mfu"] if r["case"] == "decode" \
             else ["tokens_per_s", "mfu"]
         for m in metrics + ["peak_memory_bytes"]:
             scale, unit = (1e-9, " GB") if m == "peak_memory_bytes" else (100, " %") if "mfu" in m else (1, "")
-            ours = r["ours"][m]
-            cells = [f"{ours * scale:.3g}{unit}", "-", "-"]
-            if hf:
-                cells[1:] = [f"{r['hf'][m] * scale:.3g}{unit}", f"{ours / r['hf'][m]:.2f}"]
-            rows.append((name, LABELS[m], *cells))
+            cells = []
+            for mode in modes:
+                ours = r[mode]["ours"][m]
+                cells.append(f"{ours * scale:.3g}{unit}")
+                if hf:
+                    cells += [f"{r[mode]['hf'][m] * scale:.3g}{unit}", f"{ours / r[mode]['hf'][m]:.2f}"]
+            if switch:
+                cells.append("-" if "mfu" in m else f"{r['bfloat16']['ours'][m] / r['float32']['hf'][m]:.2f}")
+            rows.append([name, LABELS[m], *cells])
             name = ""
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     if hf:
-        lines.append("ours/HF: above 1 is better for tokens/s and MFU, below 1 for seconds and memory")
+        lines.append("ratio = ours/HF in the same mode: above 1 is better for tokens/s and MFU, below 1 for seconds "
+                     "and memory")
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:]))
+def get_args(argv=None):
+    p = ArgumentParser(__file__, __doc__)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help=f"our checkpoint directory (default {DEFAULT_CHECKPOINT}, fetched by assets.py when missing)")
+                   help=f"our checkpoint directory (default {DEFAULT_CHECKPOINT}, converted on first use)")
     p.add_argument("--gguf", help="GGUF file the HF side loads (default: SmolLM2-135M's, from assets.py)")
     p.add_argument("--hf", help="an HF model directory the HF side loads instead of --gguf (saves the conversion)")
     p.add_argument("--no-hf", action="store_true", help="run our side only")
     p.add_argument("--quick", action="store_true",
                    help=f"a subset: score {QUICK['score']}, train {QUICK['train']}, decode {QUICK['decode']}")
-    p.add_argument("--score", type=int, nargs="*", metavar="T", help=f"window lengths to score (default {FULL['score']}; "
-                   "given without values: none)")
-    p.add_argument("--train", type=int, nargs="*", metavar="T", help=f"training step lengths (default {FULL['train']})")
-    p.add_argument("--decode", type=int, nargs="*", metavar="N",
-                   help=f"PROMPT NEW: prompt length and new tokens (default {FULL['decode']}; given without values: none)")
-    p.add_argument("--repeats", type=int, help="timed runs per case and side; the median is reported "
+    p.add_argument("--score", type=number(int, min=2), nargs="*", metavar="T",
+                   help=f"window lengths to score (default {FULL['score']}; given without values: none)")
+    p.add_argument("--train", type=number(int, min=2), nargs="*", metavar="T",
+                   help=f"training step lengths (default {FULL['train']})")
+    p.add_argument("--decode", type=number(int, min=1), nargs="*", metavar="N",
+                   help=f"PROMPT NEW: prompt length and new tokens (default {FULL['decode']}; given without values: "
+                        "none)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="compute modes (default: float32, and bfloat16 on CUDA "
+                   "and on CPUs with native bf16)")
+    p.add_argument("--repeats", type=number(int, min=1), help="timed runs per case and side; the median is reported "
                    "(default 3, with --quick 1; 1 is fine for the 16k cases, which take minutes per run)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    p.add_argument("--threads", type=number(int, min=1), default=torch.get_num_threads(),
                    help="CPU threads for both sides (default torch.get_num_threads())")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(default_device()))
     p.add_argument("--out", help="write the results as JSON to this file")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    args = get_args(argv)
     defaults = QUICK if args.quick else FULL
     cases = {name: defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults}
     if cases["decode"] and len(cases["decode"]) != 2:
         raise ValueError(f"--decode takes a prompt length and a number of new tokens (got {cases['decode']})")
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1 (got {args.repeats})")
+    device = torch.device(args.device)
+    modes = args.modes or ["float32"] + (["bfloat16"] if device.type == "cuda" or native_bf16() else [])
+    repeats = args.repeats or (1 if args.quick else 3)
     checkpoint = Path(args.checkpoint)
-    if args.checkpoint == DEFAULT_CHECKPOINT and not checkpoint.exists():
-        checkpoint = assets.ensure_smollm2(DEFAULT_CHECKPOINT)
+    if args.checkpoint == DEFAULT_CHECKPOINT:
+        from convert_llama import default_checkpoint
+        default_checkpoint()
     cfg = LlamaConfig.from_checkpoint(checkpoint)
     hf = not args.no_hf
     if hf:
@@ -319,21 +325,18 @@ def main():
         except ImportError:
             print("transformers is not installed: running our side only")
             hf = False
-
-    device = torch.device(args.device)
-    dtypes = {"float32": torch.float32} | ({"bfloat16": torch.bfloat16} if device.type == "cuda" else {})
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
     torch.set_num_threads(args.threads)
-    peaks = {name: matmul_peak(d, device) for name, d in dtypes.items()}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "autocast": torch.bfloat16}
+    peaks = {mode: matmul_peak(dtypes[mode], device) for mode in modes}
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
-               "dtype": dtype, "torch": torch.__version__,
+               or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
+               "native_bf16": native_bf16(), "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
-    print(f"{machine['device']}, {args.threads} threads, {machine['dtype']}, torch {torch.__version__}"
+    print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
           + (f", transformers {machine['transformers']}" if hf else ", our side only"))
-    print(f"FLOPs: {' '.join(flops.__doc__.split())}")
+    print(f"FLOPs: {' '.join(LlamaConfig.flops.__doc__.split())}")
     print(f"peak memory: {'max_memory_allocated' if device.type == 'cuda' else 'absolute peak RSS of the process'} "
-          f"(one fresh process per case and side); figures are medians of {args.repeats} run(s) after a warm-up")
+          f"(one fresh process per case, mode and side); figures are medians of {repeats} run(s) after a warm-up")
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"ours": str(checkpoint.resolve())}
@@ -342,35 +345,32 @@ def main():
         plan = [("score", t, 0) for t in cases["score"]] + [("train", t, 0) for t in cases["train"]]
         if cases["decode"]:
             plan.append(("decode", *cases["decode"]))
-        timings = []
+        results = []
         for case, tokens, new_tokens in plan:
-            print(f"{case} {tokens}{f'+{new_tokens}' if new_tokens else ''} ...", flush=True)
-            jobs = {side: {"side": side, "case": case, "tokens": tokens, "new_tokens": new_tokens, "path": path,
-                           "threads": args.threads, "device": str(device), "dtype": dtype,
-                           "vocab_size": cfg.vocab_size} for side, path in paths.items()}
-            timings.append(measure(jobs, args.repeats))
+            result = {"case": case, "tokens": tokens, "new_tokens": new_tokens}
+            for mode in modes:
+                print(f"{case} {tokens}{f'+{new_tokens}' if new_tokens else ''} {mode} ...", flush=True)
+                jobs = {side: {"side": side, "case": case, "tokens": tokens, "new_tokens": new_tokens, "path": path,
+                               "threads": args.threads, "device": str(device), "mode": mode,
+                               "vocab_size": cfg.vocab_size} for side, path in paths.items()}
+                result[mode] = measure(jobs, repeats)
+            results.append(result)
 
     # the peak again, at the end: other load on the machine may have lowered the first measurement
-    peaks = {name: max(peaks[name], matmul_peak(d, device)) for name, d in dtypes.items()}
+    peaks = {mode: max(peaks[mode], matmul_peak(dtypes[mode], device)) for mode in modes}
     print("matmul peak (best 2048x2048 product, at the start and the end): "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
-    results = []
-    for (case, tokens, new_tokens), timing in zip(plan, timings):
-        result = {"case": case, "tokens": tokens, "new_tokens": new_tokens, "hf": None}
-        for side, t in timing.items():
-            result[side] = summarize(case, tokens, new_tokens, t, cfg, peaks[dtype])
-        results.append(result)
-    print(table(results, hf))
-    report = {"machine": machine, "repeats": args.repeats, "matmul_peak_flops": peaks,
-              "flops_formula": " ".join(flops.__doc__.split()),
-              "peak_memory": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
-              "results": results}
+    for r in results:
+        for mode in modes:
+            r[mode] = {side: summarize(r["case"], r["tokens"], r["new_tokens"], t, cfg, peaks[mode])
+                       for side, t in r[mode].items()} | ({} if hf else {"hf": None})
+    print(table(results, modes, hf))
     if args.out:
-        assets.write_json(args.out, report)
+        write_json(args.out, {"machine": machine, "repeats": repeats, "matmul_peak_flops": peaks,
+                              "flops_formula": " ".join(LlamaConfig.flops.__doc__.split()),
+                              "peak_memory": "max_memory_allocated" if device.type == "cuda"
+                              else "peak RSS of the process", "results": results})
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"bench.py: error: {e}")
+    cli(main)

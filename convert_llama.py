@@ -1,99 +1,115 @@
-"""Convert a Llama checkpoint (Hugging Face, Meta or GGUF) into this project's checkpoint directory.
+"""Convert Llama checkpoints: Hugging Face, Meta or GGUF into this project's checkpoint directory, and back to HF.
 
     python convert_llama.py path/to/Llama-2-7b-hf checkpoints/llama-2-7b         # config.json + *.safetensors/*.bin
     python convert_llama.py path/to/llama-2-13b checkpoints/llama-2-13b          # params.json + consolidated.NN.pth
     python convert_llama.py SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2  # llama.cpp GGUF, dequantized
+    python convert_llama.py runs/yarn/final runs/yarn/hf                         # ours -> Hugging Face transformers
 
-The format is detected from SRC. OUT gets config.json (see model.LlamaConfig), model.safetensors and the tokenizer
-files; it is written into a temporary directory next to OUT and renamed at the end, so OUT is complete or absent.
-Our rotary layout is Hugging Face's "halves" layout, so HF weights go in as they are, while Meta and GGUF q/k
-weights are permuted from Meta's adjacent-pairs layout (SPEC §3): in `permute`, and nowhere else in the project.
-Tensors keep the source dtype (GGUF: dequantized to fp32) unless --dtype says otherwise.
+The format is detected from SRC. OUT gets config.json (model.LlamaConfig), model.safetensors and the tokenizer files,
+or, from one of our directories, a Hugging Face LlamaForCausalLM directory. It is written into a temporary folder
+next to OUT and renamed at the end, so OUT is complete or as it was; a non-empty OUT is replaced only with --force,
+and never when OUT and SRC overlap. Our rotary layout is Hugging Face's "halves" layout (docs/method.md), so HF
+weights go in and out as they are, while Meta and GGUF q/k weights are permuted from Meta's adjacent-pairs layout:
+in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized to fp32) unless
+--dtype says otherwise.
 """
-import argparse
 import json
-import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+import assets
 import rope
+from common import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, cli, is_within, number, write_dir_atomic
+from model import LlamaConfig, check_weights, save_weights
+from tokenizer import Tokenizer
 
+# our tensor names -> theirs, used in both directions; blocks are model.layers.N.* in HF, blk.N.* in GGUF
+HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+            "attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm", "feed_forward.w1": "mlp.gate_proj",
+            "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
+GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+              "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+HF_LAYERS, GGUF_LAYERS = "model.layers.", "blk."
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json")
-HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
-            "input_layernorm": "attention_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-            "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
-            "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3"}
-GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
-              "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-              "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-              "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def ours_to(name, table, layer_prefix):
+    """layers.3.feed_forward.w3.weight -> model.layers.3.mlp.up_proj.weight (with HF's table)."""
+    stem, suffix = name.rsplit(".", 1)
+    if stem.startswith("layers."):
+        _, i, part = stem.split(".", 2)
+        return f"{layer_prefix}{i}.{table[part]}.{suffix}"
+    return f"{table[stem]}.{suffix}"
+
+
+def to_ours(name, table, layer_prefix):
+    """The inverse of ours_to; None for a name that is not in the table."""
+    inverse = {theirs: ours for ours, theirs in table.items()}
+    stem, suffix = name.rsplit(".", 1)
+    if stem.startswith(layer_prefix):
+        i, _, part = stem.removeprefix(layer_prefix).partition(".")
+        return f"layers.{i}.{inverse[part]}.{suffix}" if part in inverse and i.isdigit() else None
+    return f"{inverse[stem]}.{suffix}" if stem in inverse else None
 
 
 def corrupt(path, e):
     return ValueError(f"{path} is truncated or corrupt: {' '.join(str(e).split())}")
 
 
-def parse_rope_scaling(scaling, path):
+def read_json(path):
     try:
-        return rope.parse_rope_scaling(scaling)
-    except ValueError as e:
-        raise ValueError(f"{path}: rope scaling {scaling}: {e}") from None
-
-
-def rename(name, table, layer_prefix):
-    """Map a source tensor name to ours through `table`, e.g. model.layers.3.mlp.up_proj.weight ->
-    layers.3.feed_forward.w3.weight; None for a name that is not in the table."""
-    stem, suffix = name.rsplit(".", 1)
-    if stem.startswith(layer_prefix):
-        i, _, part = stem.removeprefix(layer_prefix).partition(".")
-        return f"layers.{i}.{table[part]}.{suffix}" if part in table and i.isdigit() else None
-    return f"{table[stem]}.{suffix}" if stem in table else None
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face directory
 
-
 def read_hf(src):
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_json(src / "config.json")
     if cfg.get("model_type") not in ("llama", "mistral"):  # Mistral's sliding window is dropped, as the paper does
-        hint = " (is this already a converted checkpoint?)" if "n_layers" in cfg else ""
-        raise ValueError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r} is not supported "
-                         f"(only llama and mistral){hint}")
+        raise ValueError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r} is not supported (only llama "
+                         "and mistral)")
     # transformers 5.x keeps rope_theta and the scaling in `rope_parameters`, 4.x has `rope_theta` + `rope_scaling`
     params = dict(cfg.get("rope_parameters") or {})
     rope_theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    for key, value, expected in (("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
+                                 ("partial_rotary_factor", params.pop("partial_rotary_factor", 1.0), 1.0)):
+        if value != expected:
+            raise ValueError(f"{src / 'config.json'}: {key} {value!r} is not supported (only {expected!r})")
     scaling = params or cfg.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) != "default" \
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default") \
             and not scaling.get("original_max_position_embeddings"):
         # transformers' fallback: the pre-training length is max_position_embeddings (`dynamic` grows from it)
         scaling = {**scaling, "original_max_position_embeddings":
                    cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 2048)}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in cfg:
+            raise ValueError(f"{src / 'config.json'} has no {key!r}")
     eos = cfg.get("eos_token_id")  # Llama 3.1 lists three: keep the first, <|end_of_text|>
     config = dict(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-        hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rope_scaling=parse_rope_scaling(scaling, src / "config.json"),
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim=cfg.get("head_dim") or 0,
+        hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048), rope_scaling=scaling,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
 
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (src / index).exists():
-            files = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
+            files = sorted(set(read_json(src / index)["weight_map"].values()))
             break
         if (src / single).exists():
             files = [single]
@@ -106,19 +122,19 @@ def read_hf(src):
         if not (src / file).exists():
             raise ValueError(f"{src / file} is missing (listed in {src}'s index.json): download every shard")
         for name, tensor in load_weights(src / file):
-            ours = rename(name, HF_NAMES, "model.layers.")
+            ours = to_ours(name, HF_NAMES, HF_LAYERS)
             if name.endswith("rotary_emb.inv_freq") or ours == "output.weight" and config["tie_word_embeddings"]:
                 continue  # a buffer older checkpoints saved / a copy of the tied embedding
             state[ours or name] = tensor
 
-    def tokenizer(out):
+    def copy_tokenizer(out):
         for name in HF_TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copy(src / name, out / name)
         if not (src / "tokenizer.model").exists() and (src / "original" / "tokenizer.model").exists():
             shutil.copy(src / "original" / "tokenizer.model", out / "tokenizer.model")  # Llama 3 repos keep it there
 
-    return config, state, tokenizer
+    return config, state, copy_tokenizer
 
 
 def load_weights(path):
@@ -143,9 +159,8 @@ def load_torch(path):
 
 # ------------------------------------------------------------------------------------------------ Meta directory
 
-
 def read_meta(src):
-    params = json.loads((src / "params.json").read_text())
+    params = read_json(src / "params.json")
     paths = sorted(src.glob("consolidated.*.pth"))
     expected = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if not paths or [p.name for p in paths] != expected:
@@ -159,9 +174,7 @@ def read_meta(src):
             if a is None or b is None or a.shape != b.shape:
                 raise ValueError(f"{src}: shards disagree on {name}: {None if a is None else tuple(a.shape)} in "
                                  f"{paths[0].name} but {None if b is None else tuple(b.shape)} in {path.name}")
-
-    dim = params["dim"]
-    state = {}
+    dim, state = params["dim"], {}
     for name in shards[0]:
         if name == "rope.freqs":  # Llama 1/2 saved their (unscaled) inverse frequencies
             continue
@@ -181,12 +194,7 @@ def read_meta(src):
     multiple_of = params.get("multiple_of", 256)
     hidden_dim = multiple_of * -(-hidden_dim // multiple_of)
     tokenizer_model = next((p for p in (src / "tokenizer.model", src.parent / "tokenizer.model") if p.exists()), None)
-    bos, eos = None, None
-    if tokenizer_model:
-        import tokenizer
-
-        tok = tokenizer.Tokenizer.from_pretrained(tokenizer_model)
-        bos, eos = tok.bos_id, tok.eos_id
+    tok = Tokenizer.from_pretrained(tokenizer_model) if tokenizer_model else None
     vocab_size = params.get("vocab_size", -1)
     config = dict(
         dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
@@ -196,7 +204,7 @@ def read_meta(src):
         max_position_embeddings=meta_context_length(params),
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192} if params.get("use_scaled_rope") else None,
-        tie_word_embeddings="output.weight" not in state, bos_token_id=bos, eos_token_id=eos)
+        tie_word_embeddings="output.weight" not in state, bos_token_id=tok and tok.bos_id, eos_token_id=tok and tok.eos_id)
 
     def copy_tokenizer(out):
         if tokenizer_model:
@@ -218,7 +226,6 @@ def meta_context_length(params):
 
 
 # --------------------------------------------------------------------------------------------------------- GGUF
-
 
 def read_gguf(src):
     try:
@@ -246,7 +253,7 @@ def read_gguf(src):
         if t.name == "rope_freqs.weight":
             rope_freqs = w
         else:
-            state[rename(t.name, GGUF_NAMES, "blk.") or t.name] = w
+            state[to_ours(t.name, GGUF_NAMES, GGUF_LAYERS) or t.name] = w
 
     for key in ("llama.embedding_length", "llama.block_count", "llama.attention.head_count",
                 "llama.feed_forward_length", "llama.context_length", "llama.attention.layer_norm_rms_epsilon"):
@@ -276,16 +283,10 @@ def read_gguf(src):
         hidden_dim=field("llama.feed_forward_length"),
         vocab_size=field("llama.vocab_size") or len(field("tokenizer.ggml.tokens", [])),
         norm_eps=f32(field("llama.attention.layer_norm_rms_epsilon")), rope_theta=rope_theta,
-        max_position_embeddings=field("llama.context_length"), rope_scaling=parse_rope_scaling(scaling, src),
+        max_position_embeddings=field("llama.context_length"), rope_scaling=scaling,
         tie_word_embeddings="output.weight" not in state, bos_token_id=field("tokenizer.ggml.bos_token_id"),
         eos_token_id=field("tokenizer.ggml.eos_token_id"))
-
-    def tokenizer(out):
-        import tokenizer
-
-        tokenizer.Tokenizer.from_gguf(src).save_pretrained(out)
-
-    return config, state, tokenizer
+    return config, state, lambda out: Tokenizer.from_gguf(src).save_pretrained(out)
 
 
 def llama3_scaling(rope_freqs, head_dim, rope_theta, src):
@@ -299,52 +300,74 @@ def llama3_scaling(rope_freqs, head_dim, rope_theta, src):
     return scaling
 
 
-# ------------------------------------------------------------------------------------------------------ convert
-
-
-def expected_shapes(c):
-    d, q, kv, f, v = c["dim"], c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"], c["hidden_dim"], \
-        c["vocab_size"]
-    shapes = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}
-    if not c["tie_word_embeddings"]:
-        shapes["output.weight"] = (v, d)
-    for i in range(c["n_layers"]):
-        shapes.update({f"layers.{i}.{name}.weight": shape for name, shape in [
-            ("attention_norm", (d,)), ("attention.wq", (q, d)), ("attention.wk", (kv, d)), ("attention.wv", (kv, d)),
-            ("attention.wo", (d, q)), ("ffn_norm", (d,)), ("feed_forward.w1", (f, d)),
-            ("feed_forward.w2", (d, f)), ("feed_forward.w3", (f, d))]})
-    return shapes
-
-
-def check_shapes(config, state, src):
-    """Every tensor must have the shape the config implies: name the first that does not."""
-    expected = expected_shapes(config)
-    for name, shape in expected.items():
-        if name not in state:
-            raise ValueError(f"{src}: tensor {name} is missing (the config has {config['n_layers']} layers, "
-                             f"tie_word_embeddings={config['tie_word_embeddings']})")
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"{src}: {name} has shape {tuple(state[name].shape)} but the config implies {shape} "
-                             f"(dim {config['dim']}, {config['n_heads']} heads, {config['n_kv_heads']} kv heads, "
-                             f"head_dim {config['head_dim']}, hidden_dim {config['hidden_dim']}, "
-                             f"vocab_size {config['vocab_size']})")
-    if extra := sorted(state.keys() - expected.keys()):
-        raise ValueError(f"{src}: unexpected tensor {extra[0]} (not part of a Llama with this config)")
-    if config["n_heads"] % config["n_kv_heads"]:
-        raise ValueError(f"{src}: n_heads {config['n_heads']} is not a multiple of n_kv_heads {config['n_kv_heads']}")
-
-
 def permute(w, n_heads):
-    """Meta's rotary layout -> Hugging Face's (SPEC §3): in each head, rows (2i, 2i+1) become rows (i, i + D/2)."""
+    """Meta's rotary layout -> Hugging Face's: in each head, rows (2i, 2i+1) become rows (i, i + D/2)."""
     return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
+
+# ------------------------------------------------------------------------------------------- ours -> Hugging Face
+
+def hf_rope(cfg):
+    """(rope_theta, rope_scaling, max_position_embeddings) with which transformers computes our rotation."""
+    scaling, mpe = cfg.rope_scaling, cfg.max_position_embeddings
+    kind = scaling and scaling["rope_type"]
+    if kind is None:
+        return cfg.rope_theta, None, mpe
+    if kind == "ntk":  # transformers has no static NTK-aware scaling: it is plain RoPE with the changed base
+        return rope.ntk_base(cfg.rope_theta, scaling["factor"], cfg.head_dim), None, mpe
+    if kind == "linear":
+        return cfg.rope_theta, {"rope_type": "linear", "factor": scaling["factor"]}, mpe
+    if kind == "dynamic":  # transformers grows from max_position_embeddings where we grow from the original length
+        return cfg.rope_theta, {"rope_type": "dynamic", "factor": scaling["factor"]}, cfg.original_max_position_embeddings
+    if kind in ("yarn", "ntk-by-parts"):  # NTK-by-parts is YaRN without the attention temperature
+        keys = ["factor", "original_max_position_embeddings"] + [k for k in rope.YARN_KEYS if k in scaling]
+        out = {"rope_type": "yarn", **{k: scaling[k] for k in keys}}
+        if kind == "ntk-by-parts":
+            out["attention_factor"] = 1.0
+        # some transformers versions derive the factor from max_position_embeddings / original: keep them equal
+        return cfg.rope_theta, out, round(scaling["factor"] * cfg.original_max_position_embeddings)
+    if kind == "llama3":
+        return cfg.rope_theta, {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                **{k: v for k, v in scaling.items() if k != "finetuned"}}, mpe
+    raise ValueError(f"transformers has no {kind} RoPE scaling, so this checkpoint cannot be exported (dynamic-yarn "
+                     "equals yarn up to the fine-tuned length: export a yarn checkpoint)")
+
+
+def read_ours(src):
+    """One of our checkpoint directories as the tensors and config.json of a Hugging Face LlamaForCausalLM."""
+    from safetensors.torch import load_file
+
+    cfg = LlamaConfig.from_checkpoint(src)
+    rope_theta, rope_scaling, max_position_embeddings = hf_rope(cfg)
+    try:
+        state = {ours_to(name, HF_NAMES, HF_LAYERS): t for name, t in load_file(src / "model.safetensors").items()}
+    except SafetensorError as e:
+        raise corrupt(src / "model.safetensors", e) from None
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_position_embeddings,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+
+    def copy_tokenizer(out):  # as they are: transformers reads a SentencePiece tokenizer.model, not a tiktoken one
+        for f in src.iterdir():
+            if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith("."):
+                shutil.copy2(f, out / f.name)
+
+    return config, state, copy_tokenizer
+
+
+# ------------------------------------------------------------------------------------------------------ convert
 
 def detect(src):
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     if src.is_dir():
         if (src / "config.json").exists():
-            return "hf", src
+            return ("ours" if "n_layers" in read_json(src / "config.json") else "hf"), src
         if (src / "params.json").exists():
             return "meta", src
         ggufs = sorted(src.glob("*.gguf"))
@@ -359,69 +382,79 @@ def detect(src):
 
 
 def convert(src, out, force=False, dtype=None, max_position_embeddings=None):
-    """Convert the checkpoint at `src` into the checkpoint directory `out` (see the module docstring); returns out.
+    """Convert the checkpoint at `src` into the directory `out` (see the module docstring); returns out.
     dtype: "float32" or "bfloat16" to cast every tensor (default: keep the source's, fp32 for GGUF)."""
     fmt, src = detect(Path(src))
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ValueError(f"{out} already exists and is not empty: pass --force (force=True) to replace it")
+    if is_within(out, src) or is_within(src, out):
+        raise ValueError(f"{out} and {src} overlap: write the conversion outside its source")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if fmt == "hf":
-        config, state, write_tokenizer = read_hf(src)
-    elif fmt == "meta":
-        config, state, write_tokenizer = read_meta(src)
-    else:
-        config, state, write_tokenizer = read_gguf(src)
-    if max_position_embeddings:
-        config["max_position_embeddings"] = max_position_embeddings
-    check_shapes(config, state, src)
-    if fmt != "hf":  # Meta and GGUF store q and k in Meta's rotary layout; k has n_kv_heads heads (GQA)
-        for name in state:
-            if name.endswith(("wq.weight", "wk.weight")):
-                state[name] = permute(state[name], config["n_heads" if "wq" in name else "n_kv_heads"])
+    if fmt == "ours" and max_position_embeddings:
+        raise ValueError("--max-position-embeddings is for conversions into this project's format")
+    config, state, copy_tokenizer = {"hf": read_hf, "meta": read_meta, "gguf": read_gguf, "ours": read_ours}[fmt](src)
     if dtype:
         state = {name: w.to(DTYPES[dtype]) for name, w in state.items()}
-    config["source"] = f"{fmt}:{src.name}"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")), None
+    def write(tmp):
+        if fmt == "ours":
+            save_weights(state, tmp / "model.safetensors", {"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            checked = checked_config(config, state, src, fmt, max_position_embeddings)
+            for name in state if fmt != "hf" else ():  # Meta and GGUF store q and k in Meta's rotary layout
+                if name.endswith(("wq.weight", "wk.weight")):  # k has n_kv_heads heads (GQA)
+                    state[name] = permute(state[name], checked.n_heads if "wq" in name else checked.n_kv_heads)
+            save_weights(state, tmp / "model.safetensors", checked.layout())
+            (tmp / "config.json").write_text(json.dumps({**checked.to_dict(), "source": f"{fmt}:{src.name}"},
+                                                        indent=2) + "\n")
+        copy_tokenizer(tmp)
+
+    return write_dir_atomic(out, write, force)
+
+
+def checked_config(config, state, src, fmt, max_position_embeddings):
+    """LlamaConfig of a source's settings, and its tensors checked against it; errors name the source."""
+    where = {"hf": src / "config.json", "meta": src / "params.json"}.get(fmt, src)
     try:
-        save_file({name: w.contiguous() for name, w in state.items()}, tmp / "model.safetensors")
-        del state
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_tokenizer(tmp)
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp (and safetensors) create private files; keep the umask-free modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # --force: move the old OUT aside first
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old:
-            shutil.rmtree(old)
-    return out
+        cfg = LlamaConfig(**{**config, **({"max_position_embeddings": max_position_embeddings}
+                                          if max_position_embeddings else {})})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    check_weights(cfg, {name: w.shape for name, w in state.items()}, src)
+    return cfg
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="Hugging Face or Meta checkpoint directory, or a .gguf file")
-    parser.add_argument("out", type=Path, help="checkpoint directory to write (must not exist, or be empty)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+def default_checkpoint(path=DEFAULT_CHECKPOINT):
+    """The default checkpoint directory (SmolLM2-135M), converted from its GGUF (fetched by assets.py) when absent."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        source = assets.smollm2_gguf()
+        print(f"converting {source.name} -> {path}")
+        convert(source, path)
+    return path
+
+
+def main(argv=None):
+    parser = ArgumentParser(__file__, __doc__)
+    parser.add_argument("src", type=Path, help="Hugging Face, Meta or our checkpoint directory, or a .gguf file")
+    parser.add_argument("out", type=Path, help="directory to write (must not exist, or be empty)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it holds something")
     parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the source's dtype; "
                                                                "GGUF is dequantized to float32)")
-    parser.add_argument("--max-position-embeddings", type=int, help="the context length the model is meant to run "
-                        "at; Meta's params.json does not record it (default: inferred, e.g. 4096 for Llama 2)")
-    args = parser.parse_args()
+    parser.add_argument("--max-position-embeddings", type=number(int, min=1),
+                        help="the context length the model is meant to run at; Meta's params.json does not record it "
+                             "(default: inferred, e.g. 4096 for Llama 2)")
+    args = parser.parse_args(argv)
     out = convert(args.src, args.out, args.force, args.dtype, args.max_position_embeddings)
-    config = json.loads((out / "config.json").read_text())
-    print(f"wrote {out}: {config['n_layers']} layers, dim {config['dim']}, vocab {config['vocab_size']}, "
-          f"rope_scaling {config['rope_scaling']}")
+    config = read_json(out / "config.json")
+    if "n_layers" in config:
+        print(f"wrote {out}: {config['n_layers']} layers, dim {config['dim']}, vocab {config['vocab_size']}, "
+              f"rope_scaling {config['rope_scaling']}")
+    else:
+        print(f"wrote {out} for Hugging Face transformers: rope_theta {config['rope_theta']}, rope_scaling "
+              f"{config['rope_scaling']}, max_position_embeddings {config['max_position_embeddings']}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"convert_llama.py: error: {e}")
+    cli(main)

@@ -1,33 +1,32 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023; YaRN paper §4.3): hide a number in filler text, ask for it back.
 
     python eval_passkey.py --plot passkey.png --out passkey.json  # SmolLM2-135M, 2k/4k/8k x 5 depths, plain vs YaRN
-    python eval_passkey.py --lengths 16384 --depths 0.5 --trials 1 --rope default yarn --factor 2
-    python eval_passkey.py --checkpoint checkpoints/llama-2-7b --lengths 8192 16384 --trials 10 --rope yarn --factor 4
+    python eval_passkey.py --lengths 16384 --depths 0.5 --trials 1 --rope default yarn --scale 2
+    python eval_passkey.py --checkpoint checkpoints/llama-2-7b --lengths 8192 16384 --trials 10 --rope yarn --scale 4
+    python eval_passkey.py --checkpoint runs/yarn/final --rope checkpoint --lengths 8192 16384 32768
 
-The prompt (SPEC §4, the reference's text) is, joined by newlines: the task description, the first part of the
+The prompt (docs/method.md, "Evaluations"; the reference's text) is, joined by newlines: the task description, the first part of the
 filler, the pass key line, the rest of the filler, and the question. The filler is the five sentences below, cycled
 and joined by spaces; `depth` is the fraction of its sentences that come before the pass key (0: right after the
 task, 1: right before the question). For each length the filler is grown until the prompt just fits: the longest
 filler (in whole sentences) whose prompt has at most `length` tokens. No BOS is prepended (as in eval_ppl.py).
 The key is uniform in 1..50000 (seeded, the same keys for every RoPE configuration); the model decodes 10 tokens
 greedily through its KV cache and is right if the first integer in them is the key. Lengths past the checkpoint's
-max_position_embeddings are allowed (that is the point); the KV cache holds prompt + 10 tokens. With a dynamic
-variant past the original length every decoded token recomputes the whole prompt (see Llama.generate).
---rope, --factor and --original-max-position-embeddings work as in eval_ppl.py.
+max_position_embeddings are allowed (that is the point); the KV cache holds prompt + 10 tokens. A dynamic variant
+caches keys before RoPE and rotates them anew at each step (the paper's §3.3), or with --dynamic-cache recompute
+runs the whole prompt again for every token (see Llama.generate).
+--rope, --scale, --original-max-position-embeddings and --dtype work as in eval_ppl.py.
 """
-import argparse
 import json
 import random
 import re
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from assets import write_atomic, write_json
-from eval_ppl import add_model_args, load_model, parse_rope_args, peak_memory
+from common import ArgumentParser, cli, number, peak_memory, write_json
+from eval_ppl import add_model_args, check_outputs, load_model, parse_rope_args, save_plot
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -58,10 +57,11 @@ def fit_prompt(tok, key, depth, length):
     return ids(lo)
 
 
-def retrieve(model, tok, ids, key):
+def retrieve(model, tok, ids, key, dynamic_cache="pre-rope"):
     """(right?, the decoded answer): greedy decoding through the KV cache; the first integer must be the key."""
     tokens = torch.tensor([ids], device=model.tok_embeddings.weight.device)
-    answer = tok.decode(model.generate(tokens, MAX_NEW_TOKENS)[0, len(ids):].tolist())
+    out = model.generate(tokens, MAX_NEW_TOKENS, dynamic_cache=dynamic_cache)
+    answer = tok.decode(out[0, len(ids):].tolist())
     number = re.search(r"\d+", answer)
     return number is not None and int(number.group()) == key, answer
 
@@ -77,20 +77,22 @@ def build_prompts(tok, lengths, depths, trials, seed=0):
     return cells
 
 
-def evaluate(model, tok, methods, cells):
-    """{label: {length: {depth: [{"key", "tokens", "answer", "correct"} per trial]}}} over the prompts of cells."""
-    bar = tqdm(total=len(methods) * sum(map(len, cells.values())), desc="passkey trials", unit="trial")
+def evaluate(model, tok, methods, cells, dynamic_cache="pre-rope"):
+    """{label: {length: {depth: [{"key", "tokens", "answer", "correct", "seconds"} per trial]}}} over the prompts
+    of cells."""
     results = {}
-    for label, scaling in methods:
-        model.set_rope_scaling(scaling)
-        results[label] = {}
-        for (L, d), cell in cells.items():
-            trials = results[label].setdefault(L, {}).setdefault(d, [])
-            for key, ids in cell:
-                correct, answer = retrieve(model, tok, ids, key)
-                trials.append({"key": key, "tokens": len(ids), "answer": answer, "correct": correct})
-                bar.update()
-    bar.close()
+    with tqdm(total=len(methods) * sum(map(len, cells.values())), desc="passkey trials", unit="trial") as bar:
+        for label, scaling in methods:
+            model.set_rope_scaling(scaling)
+            results[label] = {}
+            for (L, d), cell in cells.items():
+                trials = results[label].setdefault(L, {}).setdefault(d, [])
+                for key, ids in cell:
+                    start = time.perf_counter()
+                    correct, answer = retrieve(model, tok, ids, key, dynamic_cache)
+                    trials.append({"key": key, "tokens": len(ids), "answer": answer, "correct": correct,
+                                   "seconds": time.perf_counter() - start})
+                    bar.update()
     return results
 
 
@@ -127,41 +129,44 @@ def plot(results, lengths, depths, path):
     axes[0][0].set_ylabel("length (tokens)")
     fig.suptitle("passkey retrieval accuracy (%)")
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=120))
+    save_plot(fig, path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(__file__, __doc__)
     add_model_args(parser, rope_default=["default", "yarn"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], metavar="L",
+    parser.add_argument("--lengths", type=number(int, min=1), nargs="+", default=[2048, 4096, 8192], metavar="L",
                         help="prompt lengths in tokens (default 2048 4096 8192)")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1], metavar="D",
-                        help="where the key goes, as a fraction of the filler (default 0 0.25 0.5 0.75 1)")
-    parser.add_argument("--trials", type=int, default=2, help="trials per (length, depth) cell (default 2)")
+    parser.add_argument("--depths", type=number(float, min=0, max=1), nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
+                        metavar="D", help="where the key goes, as a fraction of the filler (default 0 0.25 0.5 0.75 1)")
+    parser.add_argument("--trials", type=number(int, min=1), default=2,
+                        help="trials per (length, depth) cell (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pass keys (default 0)")
+    parser.add_argument("--dynamic-cache", choices=["pre-rope", "recompute"], default="pre-rope",
+                        help="dynamic variants only: cache keys before RoPE and rotate them at every step (the "
+                             "paper's, default), or recompute the whole sequence whenever the rotation changes")
     parser.add_argument("--out", help="write every trial (key, prompt tokens, answer) and the settings to this JSON")
-    parser.add_argument("--plot", help="write the accuracy heatmaps (one per method) to this PNG")
-    args = parser.parse_args()
+    parser.add_argument("--plot", help="write the accuracy heatmaps (one per method) to this image (.png, .pdf, ...)")
+    args = parser.parse_args(argv)
     lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
-    if not all(0 <= d <= 1 for d in depths):
-        raise ValueError(f"--depths must be fractions between 0 and 1 (got {' '.join(map(str, args.depths))})")
-    if args.trials < 1:
-        raise ValueError(f"--trials must be at least 1 (got {args.trials})")
     parsed_rope = parse_rope_args(args.rope)
-    t0 = time.time()
+    check_outputs(args)
+    start = time.time()
     model, tok, methods = load_model(args, parsed_rope)
     cells = build_prompts(tok, lengths, depths, args.trials, args.seed)
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}")
 
-    results = evaluate(model, tok, methods, cells)
-    wall, peak = time.time() - t0, peak_memory(model.tok_embeddings.weight.device)
+    results = evaluate(model, tok, methods, cells, args.dynamic_cache)
+    device = model.tok_embeddings.weight.device
+    wall, peak = time.time() - start, peak_memory(device)
     print(table(results, lengths, depths))
     print(f"{args.trials} trial(s) per cell, wall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
-          f"({'CUDA allocated' if torch.cuda.is_available() else 'peak RSS'})")
+          f"({'CUDA allocated' if device.type == 'cuda' else 'peak RSS'})")
     if args.out:
         report = {"settings": {**vars(args), "lengths": lengths, "depths": depths, "rope_scaling": dict(methods),
                                "max_new_tokens": MAX_NEW_TOKENS, "bos": False,
+                               "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
                                "max_position_embeddings": model.config.max_position_embeddings},
                   "accuracy": {label: {L: {d: accuracy(r[L][d]) for d in depths} for L in lengths}
                                for label, r in results.items()},
@@ -174,7 +179,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"eval_passkey.py: error: {e}")
+    cli(main)

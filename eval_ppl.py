@@ -1,12 +1,13 @@
-"""Perplexity of one checkpoint under several RoPE scalings, side by side (YaRN paper §4.3, Tables 1-3, Figure 1).
+"""Perplexity of one checkpoint under several RoPE scalings, side by side (YaRN paper §4.3.1, Tables 1-2, Figure 1).
 
     python eval_ppl.py --plot ppl.png --out results.json   # SmolLM2-135M (trained at 8192) on a book, 2k..16k tokens:
-                                                           # plain RoPE vs PI vs YaRN at factor 2
+                                                           # plain RoPE vs PI vs YaRN at scale 2
     python eval_ppl.py --mode sliding --lengths 1024 2048 --stride 256 --max-docs 5
-    python eval_ppl.py --rope default ntk dynamic yarn dynamic-yarn --factor 2 --data my_docs/ more.jsonl
+    python eval_ppl.py --rope default ntk dynamic yarn dynamic-yarn --scale 2 --data my_docs/ more.jsonl
     python eval_ppl.py --checkpoint checkpoints/llama-2-7b --rope default '{"rope_type": "yarn", "factor": 4, "beta_fast": 64}'
+    python eval_ppl.py --checkpoint runs/yarn/final --rope checkpoint     # a fine-tuned model, with its own scaling
 
-Modes, for a document of N tokens and an evaluation length W:
+Modes, for a document of N tokens and an evaluation length W (docs/method.md, "Evaluations"):
   truncated  (the paper's tables) the document is cut to its first W tokens, one window, W - 1 tokens scored.
              Static RoPE variants get every length from ONE pass over max(lengths) tokens: attention is causal, so
              the losses on the first W tokens of a long pass are those of a pass over W tokens. Dynamic variants
@@ -20,20 +21,17 @@ id is the chat marker <|im_start|>; its pre-training documents did not start wit
 window is context only. Lengths past the checkpoint's max_position_embeddings are allowed: the blow-up there is
 what the evaluation shows.
 
---rope names the configurations to compare: "default" (or "none") is the checkpoint's own scaling, "plain" is
-unscaled RoPE, a rope_type of rope.py (linear, ntk, dynamic, ntk-by-parts, yarn, dynamic-yarn, llama3) gets
---factor and --original-max-position-embeddings, and a JSON dict is used as it is (missing factor and original
-length filled in the same way). The model is loaded once; each configuration swaps the cos/sin tables.
+--rope names the configurations to compare: "checkpoint" is the checkpoint's own scaling (what config.json says),
+a rope_type of rope.py ("default" is plain RoPE; linear, ntk, dynamic, ntk-by-parts, yarn, dynamic-yarn, llama3)
+gets --scale as its factor and --original-max-position-embeddings, and a JSON dict is used as it is (missing factor
+and original length filled in the same way). The model is loaded once; each configuration swaps the cos/sin tables.
 dynamic-yarn scales by max(factor, l/L), factor being the scale the model was fine-tuned with: for a model that
 never was, use '{"rope_type": "dynamic-yarn", "factor": 1}' (with factor 2 it equals yarn up to 2L).
-Data: .txt files (one document each), .jsonl files (one document per line, its "text" field), directories of them
+Data: .txt files (one document each), .jsonl files (one document per line, its "text" field), folders of them
 (searched recursively); documents are taken in the order given. Default: the public-domain books of assets.py.
 """
-import argparse
 import json
 import math
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -41,41 +39,41 @@ import torch
 from tqdm import tqdm
 
 import rope
-from assets import write_atomic, write_json
+from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_output_file, cli, compute_dtype,
+                    default_device, document_files, number, peak_memory, plot_suffixes, read_documents, write_atomic,
+                    write_json)
 from model import Llama
 from tokenizer import Tokenizer
-
-DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"
-SHORTCUTS = ("default", "none", "plain")
-
 
 # ----------------------------------------------------------------------------- model and RoPE configurations
 
 
 def add_model_args(parser, rope_default):
-    """--checkpoint, --rope, --factor, --original-max-position-embeddings (shared with eval_passkey.py)."""
+    """--checkpoint, --rope, --scale, --original-max-position-embeddings, --dtype (shared with eval_passkey.py)."""
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}: SmolLM2-135M, fetched when missing)")
+                        help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}: SmolLM2-135M, converted on first "
+                             "use)")
     parser.add_argument("--rope", nargs="+", default=rope_default, metavar="ROPE",
-                        help="configurations to compare: default|none (the checkpoint's own scaling), plain "
-                             f"(unscaled RoPE), a rope_type ({', '.join(rope.TYPES[1:])}) or a JSON dict "
+                        help="configurations to compare: checkpoint (the checkpoint's own scaling), a rope_type "
+                             f"({', '.join(rope.TYPES)}; default = plain RoPE) or a JSON dict "
                              f"(default: {' '.join(rope_default)})")
-    parser.add_argument("--factor", type=float, default=2.0, help="scale factor s for named rope types (default 2)")
-    parser.add_argument("--original-max-position-embeddings", type=int, metavar="L",
-                        help="pre-training context L for named rope types (default: the checkpoint's own, "
-                             "else its max_position_embeddings)")
+    parser.add_argument("--scale", "--factor", type=number(float, min=1), default=2.0, dest="scale",
+                        help="s, the factor of the named rope types, as train.py's --scale (default 2)")
+    parser.add_argument("--original-max-position-embeddings", type=number(int, min=1), metavar="L",
+                        help="pre-training context L for named rope types (default: the checkpoint's)")
+    add_dtype_arg(parser)
 
 
 def parse_rope_args(specs):
-    """[(label, dict or shortcut name)] from --rope, checking syntax only (before anything heavy is loaded)."""
+    """[(label, dict or name)] from --rope, checking syntax only (before anything heavy is loaded)."""
     parsed = []
     for spec in specs:
-        if spec in SHORTCUTS or spec in rope.TYPES:
+        if spec == "checkpoint" or spec in rope.TYPES:
             parsed.append((spec, spec))
             continue
         if not spec.lstrip().startswith("{"):
-            raise ValueError(f"--rope {spec!r} is neither {', '.join(SHORTCUTS)}, a rope_type "
-                             f"({', '.join(rope.TYPES)}) nor a JSON dict")
+            raise ValueError(f"--rope {spec!r} is neither checkpoint, a rope_type ({', '.join(rope.TYPES)}) nor a "
+                             "JSON dict")
         try:
             d = json.loads(spec)
         except json.JSONDecodeError as e:
@@ -84,88 +82,56 @@ def parse_rope_args(specs):
             raise ValueError(f"--rope {spec!r} must be a JSON object like '{{\"rope_type\": \"yarn\", \"factor\": 4}}'")
         rope_type = d.get("rope_type") or d.get("type") or "default"
         extras = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("rope_type", "type"))
-        parsed.append((f"{rope_type}({extras})" if extras else rope_type, d))
+        parsed.append((f"{rope_type}({extras})" if extras else str(rope_type), d))
     labels = [label for label, _ in parsed]
     if len(set(labels)) < len(labels):
         raise ValueError(f"--rope lists the same configuration twice ({' '.join(labels)})")
     return parsed
 
 
-def rope_methods(parsed, factor, original_max_position_embeddings, config):
-    """[(label, normalized rope_scaling or None)] for the model's config; validated by rope.parse_rope_scaling."""
-    own = config.rope_scaling
-    L = (original_max_position_embeddings or (own or {}).get("original_max_position_embeddings")
-         or config.max_position_embeddings)
+def rope_methods(parsed, scale, original_max_position_embeddings, config):
+    """[(label, parsed rope_scaling or None)] for the model's config."""
+    L = original_max_position_embeddings or config.original_max_position_embeddings
     methods = []
     for label, spec in parsed:
-        if spec in ("default", "none"):
-            methods.append((label, own))
-        elif spec == "plain":
-            methods.append((label, None))
-        else:
-            d = {"rope_type": spec} if isinstance(spec, str) else spec
-            methods.append((label, rope.parse_rope_scaling({"factor": factor, "original_max_position_embeddings": L,
-                                                            **d})))
+        if spec == "checkpoint":
+            methods.append((label, config.rope_scaling))
+            continue
+        d = {"rope_type": spec} if isinstance(spec, str) else spec
+        if d.get("rope_type", d.get("type")) not in (None, "default"):
+            d = {"factor": scale, "original_max_position_embeddings": L, **d}
+        try:
+            methods.append((label, rope.parse_rope_scaling(d)))
+        except ValueError as e:
+            raise ValueError(f"--rope {label}: {e}") from None
     return methods
 
 
 def load_model(args, parsed_rope):
-    """The checkpoint (SmolLM2 fetched and converted when the default is missing), its tokenizer, the methods."""
+    """The checkpoint (SmolLM2 converted when the default is missing), its tokenizer, the methods to compare."""
     if args.checkpoint == DEFAULT_CHECKPOINT:
-        import assets
-        assets.ensure_smollm2(args.checkpoint)
-    model = Llama.from_pretrained(args.checkpoint)
+        from convert_llama import default_checkpoint
+        default_checkpoint()
+    device = default_device()
+    model = Llama.from_pretrained(args.checkpoint, dtype=compute_dtype(args.dtype, device), device=device)
     tok = Tokenizer.from_pretrained(args.checkpoint)
-    return model, tok, rope_methods(parsed_rope, args.factor, args.original_max_position_embeddings, model.config)
+    tok.check_fits(model.config.vocab_size, args.checkpoint)
+    return model, tok, rope_methods(parsed_rope, args.scale, args.original_max_position_embeddings, model.config)
 
 
-def is_dynamic(rope_scaling):
-    return rope_scaling is not None and rope_scaling["rope_type"] in rope.DYNAMIC
+def check_outputs(args):
+    """--out and --plot, checked before the hours of work that end in them."""
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.plot:
+        check_output_file(args.plot, "--plot", plot_suffixes())
 
 
-def peak_memory(device):
-    """Peak memory of this process in bytes: allocated on a CUDA device, resident set size (weights included) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+def save_plot(fig, path):
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=120))
 
 
-# ----------------------------------------------------------------------------- documents
-
-
-def load_texts(paths):
-    """[(name, text)]: .txt (or any other) files are one document, .jsonl files one per line ("text" field)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
-            if not found:
-                raise ValueError(f"--data {path} has no .txt or .jsonl files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"--data {path}: no such file or directory")
-    texts = []
-    for f in files:
-        try:
-            raw = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not raw.strip():
-            raise ValueError(f"{f} is empty: remove it from --data")
-        if f.suffix != ".jsonl":
-            texts.append((str(f), raw))
-            continue
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{f}:{i} is not a JSON object with a \"text\" field") from None
-            texts.append((f"{f}:{i}", str(text)))
-    return texts
+# ----------------------------------------------------------------------------- documents and the two protocols
 
 
 def tokenize(texts, tok, min_tokens, max_docs, device):
@@ -176,7 +142,7 @@ def tokenize(texts, tok, min_tokens, max_docs, device):
         longest = max(longest, len(ids))
         if len(ids) >= min_tokens:
             docs.append((name, torch.tensor(ids, device=device)))
-            if max_docs and len(docs) == max_docs:
+            if len(docs) == max_docs:
                 break
     if not docs:
         raise ValueError(f"no document has at least {min_tokens} tokens (the longest has {longest}): "
@@ -184,7 +150,6 @@ def tokenize(texts, tok, min_tokens, max_docs, device):
     return docs
 
 
-# ----------------------------------------------------------------------------- the two protocols
 
 
 def token_nll(model, x):
@@ -196,9 +161,10 @@ def token_nll(model, x):
 
 
 def windows(n, length, stride):
-    """Press et al.: [(start, end, first)] of windows over n tokens starting every `stride` tokens; each window
-    x[start:end] scores tokens first..end-1, those the previous window did not (a window's own first token has no
-    context: it is never scored, nor is token 0)."""
+    """Press et al.: [(start, end, first)] of windows x[start:end] over n tokens, starting every `stride` tokens.
+    Window k scores its targets first..end-1, where first = max(the previous window's end, start + 1): the tokens
+    before the previous end were scored already, and a window's own first token has no context inside it (so token
+    0 is never scored). With stride < length the windows overlap and every later token is scored exactly once."""
     out, scored = [], 1
     for start in range(0, n, stride):
         end = min(start + length, n)
@@ -213,6 +179,7 @@ def sliding_nll(model, doc, length, stride, bar=None):
     """(total nll, number of scored tokens) of a document with Press et al.'s sliding window."""
     total, count = 0.0, 0
     for start, end, first in windows(len(doc), length, stride):
+        # token_nll's entry j is the loss of token start + 1 + j, so targets first..end-1 start at first - start - 1
         nll = token_nll(model, doc[start:end])[first - start - 1:]
         total, count = total + nll.double().sum().item(), count + nll.numel()
         if bar is not None:
@@ -223,12 +190,12 @@ def sliding_nll(model, doc, length, stride, bar=None):
 def truncated_nll(model, doc, lengths, bar=None):
     """{length: (total nll, W - 1)} of the document cut to each length: one pass over max(lengths) tokens for a
     static variant (prefix sums of the per-token losses), one pass per length for a dynamic one."""
-    if is_dynamic(model.config.rope_scaling) and len(lengths) > 1:
+    if rope.is_dynamic(model.config.rope_scaling) and len(lengths) > 1:
         return {W: truncated_nll(model, doc, [W], bar)[W] for W in lengths}
     cumsum = token_nll(model, doc[:max(lengths)]).double().cumsum(0)
     if bar is not None:
         bar.update()
-    return {W: (cumsum[W - 2].item(), W - 1) for W in lengths}
+    return {W: (cumsum[W - 2].item(), W - 1) for W in lengths}  # the first W tokens score targets 1..W-1
 
 
 def n_passes(doc, lengths, mode, stride, dynamic):
@@ -240,20 +207,20 @@ def n_passes(doc, lengths, mode, stride, dynamic):
 
 def evaluate(model, docs, methods, lengths, mode="truncated", stride=256):
     """{label: {length: [(total nll, scored tokens) per document, None where it is shorter than length]}}."""
-    bar = tqdm(total=sum(n_passes(doc, lengths, mode, stride, is_dynamic(scaling)) for _, scaling in methods
-                         for _, doc in docs), desc="forward passes", unit="pass")
+    total = sum(n_passes(doc, lengths, mode, stride, rope.is_dynamic(scaling)) for _, scaling in methods
+                for _, doc in docs)
     results = {}
-    for label, scaling in methods:
-        model.set_rope_scaling(scaling)
-        per_doc = []
-        for _, doc in docs:
-            fits = [W for W in lengths if W <= len(doc)]
-            if mode == "sliding":
-                per_doc.append({W: sliding_nll(model, doc, W, stride, bar) for W in fits})
-            else:
-                per_doc.append(truncated_nll(model, doc, fits, bar) if fits else {})
-        results[label] = {W: [d.get(W) for d in per_doc] for W in lengths}
-    bar.close()
+    with tqdm(total=total, desc="forward passes", unit="pass") as bar:
+        for label, scaling in methods:
+            model.set_rope_scaling(scaling)
+            per_doc = []
+            for _, doc in docs:
+                fits = [W for W in lengths if W <= len(doc)]
+                if mode == "sliding":
+                    per_doc.append({W: sliding_nll(model, doc, W, stride, bar) for W in fits})
+                else:
+                    per_doc.append(truncated_nll(model, doc, fits, bar) if fits else {})
+            results[label] = {W: [d.get(W) for d in per_doc] for W in lengths}
     return results
 
 
@@ -291,73 +258,76 @@ def plot(results, lengths, trained_length, title, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=120))
+    save_plot(fig, path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def report(args, model, docs, methods, lengths, results, wall):
+    device = model.tok_embeddings.weight.device
+    return {
+        "settings": {**vars(args), "lengths": lengths, "rope_scaling": dict(methods), "mean": "token-weighted",
+                     "bos": False, "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+                     "device": str(device), "max_position_embeddings": model.config.max_position_embeddings},
+        "documents": [{"name": name, "tokens": len(doc)} for name, doc in docs],
+        "perplexity": {label: {W: perplexity(r[W]) for W in lengths} for label, r in results.items()},
+        "per_document": {label: {W: [None if p is None else {"name": name, "nll_sum": p[0], "tokens": p[1],
+                                                               "perplexity": math.exp(p[0] / p[1])}
+                                     for (name, _), p in zip(docs, r[W])] for W in lengths}
+                         for label, r in results.items()},
+        "wall_seconds": wall, "peak_memory_bytes": peak_memory(device),
+        "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
+    }
+
+
+def main(argv=None):
+    parser = ArgumentParser(__file__, __doc__)
     add_model_args(parser, rope_default=["default", "linear", "yarn"])
     parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help=".txt / .jsonl files or directories of them (default: the books of assets.py)")
+                        help=".txt / .jsonl files or folders of them (default: the books of assets.py)")
     parser.add_argument("--mode", choices=["truncated", "sliding"], default="truncated",
                         help="truncated: one window per document, cut to each length (the paper's tables, default); "
                              "sliding: Press et al.'s sliding window with --stride")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048 * i for i in range(1, 9)], metavar="W",
-                        help="evaluation lengths in tokens (default 2048 4096 ... 16384)")
-    parser.add_argument("--stride", type=int, default=256, help="sliding-window stride S (default 256, the paper's)")
-    parser.add_argument("--min-tokens", type=int, help="use documents with at least this many tokens "
-                                                       "(default: the largest length)")
-    parser.add_argument("--max-docs", type=int, default=1, help="number of documents (default 1; the paper: 10)")
+    parser.add_argument("--lengths", type=number(int, min=2), nargs="+", default=[2048 * i for i in range(1, 9)],
+                        metavar="W", help="evaluation lengths in tokens (default 2048 4096 ... 16384)")
+    parser.add_argument("--stride", type=number(int, min=1), default=256,
+                        help="sliding-window stride S (default 256, the paper's)")
+    parser.add_argument("--min-tokens", type=number(int, min=2),
+                        help="use documents with at least this many tokens (default: the largest length)")
+    parser.add_argument("--max-docs", type=number(int, min=1), default=1,
+                        help="number of documents (default 1; the paper: 10)")
     parser.add_argument("--out", help="write every number (per document too) and the settings to this JSON file")
-    parser.add_argument("--plot", help="write perplexity against length, one line per method, to this PNG")
-    args = parser.parse_args()
+    parser.add_argument("--plot", help="write perplexity against length, one line per method, to this image "
+                                       "(.png, .pdf, .svg, ...)")
+    args = parser.parse_args(argv)
     lengths = sorted(set(args.lengths))
-    if lengths[0] < 2:
-        raise ValueError(f"--lengths must be at least 2 tokens (got {lengths[0]})")
-    if args.mode == "sliding" and not 1 <= args.stride <= lengths[0]:
-        raise ValueError(f"--stride must be between 1 and the smallest length ({lengths[0]}), got {args.stride}")
-    if args.max_docs < 1:
-        raise ValueError(f"--max-docs must be at least 1 (got {args.max_docs})")
+    if args.mode == "sliding" and args.stride > lengths[0]:
+        raise ValueError(f"--stride ({args.stride}) must not exceed the smallest length ({lengths[0]})")
     min_tokens = args.min_tokens or lengths[-1]
     parsed_rope = parse_rope_args(args.rope)
-    t0 = time.time()
+    check_outputs(args)
+    start = time.time()
     if args.data is None:
         import assets
         args.data = [str(p) for p in assets.ensure_books()]
-    texts = load_texts(args.data)
+    texts = list(read_documents(document_files(args.data)))
     model, tok, methods = load_model(args, parsed_rope)
     docs = tokenize(texts, tok, min_tokens, args.max_docs, model.tok_embeddings.weight.device)
-    for W in lengths:
-        if not any(len(doc) >= W for _, doc in docs):
-            raise ValueError(f"no document has {W} tokens (--lengths); the longest has {max(len(d) for _, d in docs)}")
+    if lengths[-1] > max(len(doc) for _, doc in docs):
+        raise ValueError(f"no document has {lengths[-1]} tokens (--lengths); the longest has "
+                         f"{max(len(doc) for _, doc in docs)}")
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}")
     print(f"{len(docs)} document(s): " + ", ".join(f"{name} ({len(doc)} tokens)" for name, doc in docs))
 
     results = evaluate(model, docs, methods, lengths, args.mode, args.stride)
-    wall, peak = time.time() - t0, peak_memory(model.tok_embeddings.weight.device)
+    out = report(args, model, docs, methods, lengths, results, time.time() - start)
     what = "truncated: one window per document and length" if args.mode == "truncated" else \
         f"sliding window, stride {args.stride}"
-    title = f"{Path(args.checkpoint).name}, {len(docs)} document(s), {what}"
+    title = f"{Path(args.checkpoint).name} ({out['settings']['dtype']}), {len(docs)} document(s), {what}"
     print(table(results, lengths, f"perplexity (token-weighted mean), {title}"))
-    print(f"wall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
-          f"({'CUDA allocated' if torch.cuda.is_available() else 'peak RSS'})")
+    print(f"wall time {out['wall_seconds']:.0f} s, peak memory {out['peak_memory_bytes'] / 2**30:.2f} GiB "
+          f"({out['peak_memory_kind']})")
     if args.out:
-        report = {
-            "settings": {**vars(args), "lengths": lengths, "min_tokens": min_tokens,
-                         "rope_scaling": dict(methods), "mean": "token-weighted", "bos": False,
-                         "dtype": str(model.tok_embeddings.weight.dtype), "device": str(model.tok_embeddings.weight.device),
-                         "max_position_embeddings": model.config.max_position_embeddings},
-            "documents": [{"name": name, "tokens": len(doc)} for name, doc in docs],
-            "perplexity": {label: {W: perplexity(r[W]) for W in lengths} for label, r in results.items()},
-            "per_document": {label: {W: [None if p is None else {"name": name, "nll_sum": p[0], "tokens": p[1],
-                                                                   "perplexity": math.exp(p[0] / p[1])}
-                                         for (name, _), p in zip(docs, r[W])] for W in lengths}
-                             for label, r in results.items()},
-            "wall_seconds": wall, "peak_memory_bytes": peak,
-            "peak_memory_kind": "cuda_max_memory_allocated" if torch.cuda.is_available() else "peak_rss",
-        }
-        write_json(args.out, report)
+        write_json(args.out, out)
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, model.config.max_position_embeddings, title, args.plot)
@@ -365,7 +335,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"eval_ppl.py: error: {e}")
+    cli(main)

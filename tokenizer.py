@@ -24,7 +24,7 @@ import regex
 import sentencepiece
 import tiktoken
 
-from assets import write_atomic, write_json
+from common import write_atomic, write_json
 
 # Meta's llama3/tokenizer.py
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -161,14 +161,20 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.sp is not None:
-            write_atomic(path / "tokenizer.model", lambda f: f.write(self.sp.serialized_model_proto()))
+            write_atomic(path / "tokenizer.model", lambda tmp: tmp.write_bytes(self.sp.serialized_model_proto()))
             return
         ranks = sorted(self.ranks.items(), key=lambda item: item[1])
         write_atomic(path / "tokenizer.model",
-                     lambda f: f.write(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks)))
+                     lambda tmp: tmp.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks)))
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
         write_json(path / "tiktoken.json", meta)
+
+    def check_fits(self, vocab_size, where):
+        """Every id this tokenizer can produce must have a row in the model's embedding table."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"{where}: the tokenizer has {self.vocab_size} tokens but the model's embedding table "
+                             f"has {vocab_size} rows: the tokenizer belongs to another model")
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text) if self.sp is not None else self.encode_bpe(text)

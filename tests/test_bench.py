@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import convert_llama
+from conftest import one_error_line, run_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"
 
@@ -23,10 +24,10 @@ def tiny(tmp_path_factory):
     return root
 
 
-def run_bench(tiny, out, env=None):
+def run_bench(tiny, out, env=None, modes=("float32", "bfloat16")):
     return subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--checkpoint", str(tiny / "ours"),
-                           "--hf", str(tiny / "hf"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tiny)
+                           "--hf", str(tiny / "hf"), "--out", str(out), "--modes", *modes],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tiny)
 
 
 def numbers(x):
@@ -37,28 +38,29 @@ def numbers(x):
     return [x]
 
 
-def check_report(report, sides):
+def check_report(report, sides, modes):
     assert report["machine"]["threads"] == 1 and report["repeats"] == 1
-    assert report["matmul_peak_flops"]["float32"] > 0
+    assert report["matmul_peak_flops"].keys() == set(modes) and min(report["matmul_peak_flops"].values()) > 0
     assert [(r["case"], r["tokens"], r["new_tokens"]) for r in report["results"]] == \
         [("score", 1024, 0), ("train", 512, 0), ("decode", 256, 16)]
     for r in report["results"]:
-        for side in ("ours", "hf"):
-            if side not in sides:
-                assert r[side] is None
-                continue
-            keys = {"prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s"} if r["case"] == "decode" \
-                else {"seconds", "tokens_per_s", "mfu"}
-            assert keys | {"peak_memory_bytes", "runs"} <= r[side].keys()
-            values = numbers(r[side])
-            assert values and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values), r[side]
+        for mode in modes:
+            for side in ("ours", "hf"):
+                if side not in sides:
+                    assert r[mode][side] is None
+                    continue
+                keys = {"prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s"} if r["case"] == "decode" \
+                    else {"seconds", "tokens_per_s", "mfu"}
+                assert keys | {"peak_memory_bytes", "runs"} <= r[mode][side].keys()
+                values = numbers(r[mode][side])
+                assert values and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
 def test_quick_bench_against_transformers_writes_positive_finite_figures(tiny, tmp_path):
     proc = run_bench(tiny, tmp_path / "bench.json")
     assert proc.returncode == 0, proc.stderr
-    check_report(json.loads((tmp_path / "bench.json").read_text()), sides={"ours", "hf"})
-    assert "ours/HF" in proc.stdout
+    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours", "hf"}, ["float32", "bfloat16"])
+    assert "ours bf16 / HF fp32" in proc.stdout
 
 
 def test_quick_bench_runs_our_side_alone_without_transformers(tiny, tmp_path):
@@ -66,14 +68,12 @@ def test_quick_bench_runs_our_side_alone_without_transformers(tiny, tmp_path):
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('transformers hidden by test_bench')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
-    proc = run_bench(tiny, tmp_path / "bench.json", env)
+    proc = run_bench(tiny, tmp_path / "bench.json", env, modes=["autocast"])
     assert proc.returncode == 0, proc.stderr
     assert "transformers is not installed" in proc.stdout
-    check_report(json.loads((tmp_path / "bench.json").read_text()), sides={"ours"})
+    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours"}, ["autocast"])
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--no-hf", "--checkpoint", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("bench.py: error:") and "nope" in proc.stderr and "Traceback" not in proc.stderr
+    one_error_line(run_script("bench.py", "--quick", "--no-hf", "--checkpoint", tmp_path / "nope"), "bench.py", "nope",
+                   "is not a checkpoint directory")

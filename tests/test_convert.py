@@ -1,7 +1,8 @@
 """convert_llama.py on tiny checkpoints the tests write: Hugging Face (safetensors, sharded, .bin; both config.json
-shapes), Meta (2 model-parallel shards, Llama 2 and Llama 3 layouts) and GGUF, checked against transformers; and
-every kind of bad input, through the command line."""
+shapes), Meta (2 model-parallel shards, Llama 2 and Llama 3 layouts), GGUF, and back to Hugging Face, checked
+against transformers; and every kind of bad input."""
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,10 @@ import pytest
 import torch
 
 import assets
-from conftest import write_hf_llama
+from conftest import ROOT, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
 from convert_llama import convert
 from model import Llama
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 320
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -60,7 +60,7 @@ def assert_same_logits(out, hf, atol=1e-4):
 
 
 def to_pairs(w, n_heads):
-    """HF's halves layout -> Meta's adjacent-pairs layout, the inverse of SPEC §3's permutation."""
+    """HF's halves layout -> Meta's adjacent-pairs layout, the inverse of the converter's permutation."""
     return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
@@ -106,7 +106,7 @@ def tiny_hf(tmp_path_factory):
 
 def copy_hf(tiny_hf, dest, **edits):
     """Copy the tiny HF checkpoint to dest, with config.json keys replaced (None deletes a key)."""
-    dest.mkdir()
+    dest.mkdir(parents=True)
     for f in tiny_hf[0].iterdir():
         (dest / f.name).write_bytes(f.read_bytes())
     raw = json.loads((dest / "config.json").read_text())
@@ -355,12 +355,44 @@ def test_gguf_rope_scaling_gives_the_same_logits(tmp_path, scaling):
     assert_same_logits(tmp_path / "ours", hf)
 
 
+# ------------------------------------------------------------------------------------------- ours -> Hugging Face
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "ntk", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "ntk-by-parts", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 16},
+], ids=lambda s: s["rope_type"] if s else "default")
+def test_export_to_hugging_face_gives_the_same_logits_in_transformers(tmp_path, rope_scaling):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(rope_scaling, vocab_size=VOCAB, max_position_embeddings=64).save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer.model").write_bytes(b"copied as is")
+    convert(tmp_path / "ours", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"copied as is"
+    tokens = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = Llama.from_pretrained(tmp_path / "ours")(tokens)
+        assert (hf(tokens).logits - ours).abs().max() <= 1e-4
+        if rope_scaling:  # so that the scaling is part of what was compared
+            plain = Llama.from_pretrained(tmp_path / "ours", rope_scaling={"rope_type": "default"})(tokens)
+            assert (plain - ours).abs().max() > 1e-3
+
+
+def test_export_of_a_variant_transformers_lacks_is_a_clear_error(tmp_path):
+    scaling = {"rope_type": "dynamic-yarn", "factor": 2.0, "original_max_position_embeddings": 16}
+    tiny_llama(scaling, vocab_size=VOCAB).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="transformers has no dynamic-yarn RoPE scaling"):
+        convert(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 # ------------------------------------------------------------------------------------------------- bad inputs
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "convert_llama.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT)
 
 
 def truncate(path, keep=0.5):
@@ -404,11 +436,21 @@ def damage(case, sources, tiny_hf, tmp):
     if case == "truncated-gguf":
         (tmp / "cut.gguf").write_bytes(sources["gguf"].read_bytes()[:60_000])
         return tmp / "cut.gguf", ["cut.gguf", "truncated or corrupt"]
+    if case == "bad-json":
+        src = copy_hf(tiny_hf, tmp / "hf")
+        truncate(src / "config.json")
+        return src, ["config.json is not valid JSON"]
+    if case == "config-without-a-key":
+        return copy_hf(tiny_hf, tmp / "hf", intermediate_size=None), ["config.json has no 'intermediate_size'"]
+    if case == "config-number-as-string":
+        return copy_hf(tiny_hf, tmp / "hf", num_hidden_layers="2"), ["n_layers must be a positive integer (got '2')"]
     if case == "config-does-not-match-weights":
         return copy_hf(tiny_hf, tmp / "hf", hidden_size=128), \
             ["tok_embeddings.weight has shape (320, 64) but the config implies (320, 128)"]
     if case == "config-more-layers-than-weights":
         return copy_hf(tiny_hf, tmp / "hf", num_hidden_layers=3), ["layers.2.attention_norm.weight is missing"]
+    if case == "unsupported-activation":
+        return copy_hf(tiny_hf, tmp / "hf", hidden_act="gelu"), ["hidden_act 'gelu' is not supported"]
     if case == "meta-missing-shard":
         src = copy_tree(sources["meta"], tmp / "meta")
         (src / "consolidated.01.pth").rename(src / "consolidated.02.pth")
@@ -431,6 +473,10 @@ def damage(case, sources, tiny_hf, tmp):
     if case == "rope-factor-below-1":
         return copy_hf(tiny_hf, tmp / "hf", rope_parameters=None, rope_theta=1e4,
                        rope_scaling={"type": "linear", "factor": 0.5}), ["factor must be >= 1"]
+    if case == "rope-misspelt-key":
+        return copy_hf(tiny_hf, tmp / "hf", rope_parameters=None, rope_theta=1e4,
+                       rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                     "beta_fats": 8}), ["key 'beta_fats' is not read by rope_type yarn"]
     if case == "output-exists":
         (tmp / "out").mkdir()
         (tmp / "out" / "x").write_text("x")
@@ -438,21 +484,65 @@ def damage(case, sources, tiny_hf, tmp):
     raise AssertionError(case)
 
 
-BAD_INPUTS = ["missing-path", "unknown-format", "truncated-safetensors", "truncated-pth", "truncated-gguf",
-              "config-does-not-match-weights", "config-more-layers-than-weights", "meta-missing-shard",
-              "meta-only-one-of-two-shards", "meta-shards-disagree", "gguf-unknown-architecture",
-              "unknown-rope-type", "rope-factor-below-1", "output-exists"]
+BAD_INPUTS = ["missing-path", "unknown-format", "truncated-safetensors", "truncated-pth", "truncated-gguf", "bad-json",
+              "config-without-a-key", "config-number-as-string", "config-does-not-match-weights",
+              "config-more-layers-than-weights", "unsupported-activation", "meta-missing-shard",
+              "meta-only-one-of-two-shards", "meta-shards-disagree", "gguf-unknown-architecture", "unknown-rope-type",
+              "rope-factor-below-1", "rope-misspelt-key", "output-exists"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_one_line_error_and_exit_1(tmp_path, sources, tiny_hf, case):
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, sources, tiny_hf, case):
     src, words = damage(case, sources, tiny_hf, tmp_path)
-    result = run_cli(src, tmp_path / "out")
-    lines = result.stderr.splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("convert_llama.py: error: ")
+    with pytest.raises((ValueError, OSError)) as e:
+        convert(src, tmp_path / "out")
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in str(e.value), str(e.value)
     if case != "output-exists":
         assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_1(tmp_path, sources):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    one_error_line(run_script("convert_llama.py", sources["hf"], tmp_path / "out"), "convert_llama.py",
+                   "already exists", "--force")
+    result = run_script("convert_llama.py", sources["hf"], tmp_path / "o", "--max-position-embeddings", "-5")
+    one_error_line(result, "convert_llama.py", "--max-position-embeddings: must be a finite number >= 1", code=2)
+
+
+@pytest.mark.parametrize("where", ["same", "out-inside-src", "src-inside-out"])
+def test_out_overlapping_src_is_refused_even_with_force(tmp_path, tiny_hf, sources, where):
+    src = copy_hf(tiny_hf, tmp_path / "models" / "hf")
+    (tmp_path / "models" / "tiny.gguf").write_bytes(sources["gguf"].read_bytes())
+    out = {"same": src, "out-inside-src": src / "converted", "src-inside-out": tmp_path / "models"}[where]
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="overlap"):
+        convert(src, out, force=True)
+    with pytest.raises(ValueError, match="overlap"):  # a .gguf file into the folder that holds it
+        convert(tmp_path / "models" / "tiny.gguf", tmp_path / "models", force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path, tiny_hf):
+    """A conversion killed with SIGKILL leaves its temporary folder; the next conversion to the same OUT removes it."""
+    stale = tmp_path / ".ours.{}.{}.tmp".format(socket.gethostname(), 2 ** 22 + 1)  # a pid no process has
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    alive = tmp_path / ".ours.{}.1.tmp".format(socket.gethostname())  # a running process's (pid 1 always runs)
+    alive.mkdir()
+    convert(tiny_hf[0], tmp_path / "ours")
+    assert not stale.exists() and alive.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_hf):
+    """A real full disk: a 64 KiB tmpfs, mounted in a user and mount namespace of its own (no root needed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=64k tmpfs {disk} && {sys.executable} {ROOT / 'convert_llama.py'} "
+              f"{tiny_hf[0]} {disk / 'out'}; code=$?; ls -A {disk}; exit $code")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=120)
+    one_error_line(result, "convert_llama.py", "No space left on device")
+    assert result.stdout == ""  # the tmpfs is empty again: no partial OUT, no temporary folder

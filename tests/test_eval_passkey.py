@@ -1,21 +1,15 @@
-"""eval_passkey.py: the SPEC §4 prompt byte for byte, prompts that just fit their length, scoring with test doubles
-of generate, and the command line."""
+"""eval_passkey.py: the reference's prompt byte for byte, prompts that just fit their length, scoring with test
+doubles of generate, and the command line."""
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import eval_passkey
-from conftest import write_hf_llama
+from conftest import byte_tokenizer, one_error_line, run_script, write_hf_llama
 from convert_llama import convert
 from model import Llama
-from test_eval_ppl import byte_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,29 +78,30 @@ def test_right_answers_score_100_and_wrong_answers_0(checkpoint):
     assert all(1 <= k <= 50000 for cell in keys for k in cell) and len({k for cell in keys for k in cell}) > 1
 
 
-def run(script, *args, cwd):
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_cli_writes_table_json_and_heatmap(checkpoint, tmp_path):
-    proc = run("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, "--depths", 0, 1, "--trials", 1,
-               "--rope", "default", "yarn", "--out", "r.json", "--plot", "p.png", cwd=tmp_path)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    assert "accuracy" in out and "yarn" in out
+    result = run_script("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, "--depths", 0, 1, "--trials",
+                        1, "--rope", "default", "dynamic", "--out", "r.json", "--plot", "p.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "dynamic" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report["trials"]) == {"default", "yarn"}
-    assert report["accuracy"]["yarn"]["300"].keys() == {"0.0", "1.0"} and len(report["trials"]["yarn"]["300"]["1.0"]) == 1
+    assert set(report["trials"]) == {"default", "dynamic"}
+    assert report["accuracy"]["dynamic"]["300"].keys() == {"0.0", "1.0"}
+    assert len(report["trials"]["dynamic"]["300"]["1.0"]) == 1 and report["settings"]["dynamic_cache"] == "pre-rope"
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bad_input_is_one_line_on_stderr(checkpoint, tmp_path):
-    cases = {"length shorter than the bare prompt": ["--lengths", 50],
-             "depth outside 0..1": ["--depths", 0.5, 1.5]}
-    procs = {case: run("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, *args, cwd=tmp_path)
-             for case, args in cases.items()}  # run together: most of each is starting Python and torch
-    for case, proc in procs.items():
-        _, err = proc.communicate()
-        lines = err.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("eval_passkey.py: error: "), (case, err)
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "50"], "--lengths 50 is shorter than the prompt without filler"),
+    (["--plot", "p.txt"], "--plot p.txt: the extension must be one of"),
+])
+def test_bad_input_is_a_clear_error(checkpoint, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        eval_passkey.main(["--checkpoint", str(checkpoint), "--lengths", "300", *args])
+
+
+def test_bad_input_on_the_command_line_is_one_line(checkpoint, tmp_path):
+    result = run_script("eval_passkey.py", "--checkpoint", checkpoint, "--depths", 0.5, 1.5, cwd=tmp_path)
+    one_error_line(result, "eval_passkey.py", "--depths: must be a finite number >= 0 and <= 1 (got 1.5)", code=2)
+    result = run_script("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 50, cwd=tmp_path)
+    one_error_line(result, "eval_passkey.py", "--lengths 50 is shorter than the prompt")

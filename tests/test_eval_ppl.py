@@ -2,28 +2,21 @@
 mode against separate passes, and bad input on the command line."""
 import json
 import math
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
 
 import eval_ppl
-from conftest import write_hf_llama
+from conftest import ROOT, byte_tokenizer, one_error_line, run_script, snapshot, write_hf_llama
 from convert_llama import convert
 from model import Llama, LlamaConfig
-from tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 L = 64  # max_position_embeddings of the tiny model
 VOCAB = 258
-
-
-def byte_tokenizer():
-    """One token per byte (ids 0..255) plus BOS/EOS (256, 257): the vocabulary of the tiny models."""
-    return Tokenizer(ranks={bytes([i]): i for i in range(256)}, pattern=r"\S+|\s+",
-                     special_tokens={"<s>": 256, "</s>": 257}, bos_id=256, eos_id=257)
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +111,19 @@ def test_truncated_mode_runs_one_pass_per_length_for_dynamic_rope(tiny, rope_typ
 def test_rope_arguments():
     config = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=VOCAB,
                          max_position_embeddings=8192, rope_scaling={"rope_type": "linear", "factor": 4})
-    parsed = eval_ppl.parse_rope_args(["default", "plain", "yarn", '{"type": "yarn", "factor": 4, "beta_fast": 64}'])
+    parsed = eval_ppl.parse_rope_args(["checkpoint", "default", "yarn", '{"type": "yarn", "factor": 4, "beta_fast": 64}'])
     methods = dict(eval_ppl.rope_methods(parsed, 2.0, None, config))
-    assert methods["default"] == config.rope_scaling and methods["plain"] is None
+    assert methods["checkpoint"] == config.rope_scaling and methods["default"] is None
     assert methods["yarn"] == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}
     assert methods["yarn(factor=4,beta_fast=64)"] == {"rope_type": "yarn", "factor": 4.0, "beta_fast": 64,
                                                       "original_max_position_embeddings": 8192}
-    for bad in (["yarn", "yarn"], ["yran"], ['{"rope_type": "yarn",}'], ["[1, 2]"]):
+    for bad in (["yarn", "yarn"], ["yran"], ['{"rope_type": "yarn",}'], ["[1, 2]"], ["plain"]):
         with pytest.raises(ValueError):
             eval_ppl.parse_rope_args(bad)
-    for bad in (['{"rope_type": "nope"}'], ["linear"]):
-        with pytest.raises(ValueError):
-            eval_ppl.rope_methods(eval_ppl.parse_rope_args(bad), 0.5, None, config)
+    for bad, message in (('{"rope_type": "nope"}', "unknown rope_type 'nope'"),
+                         ('{"rope_type": "yarn", "facter": 4}', "key 'facter' is not read")):
+        with pytest.raises(ValueError, match=message):
+            eval_ppl.rope_methods(eval_ppl.parse_rope_args([bad]), 2.0, None, config)
 
 
 def test_windows_score_every_token_once():
@@ -139,39 +133,90 @@ def test_windows_score_every_token_once():
         assert sorted(scored) == [t for t in range(1, n) if t not in starts]
 
 
-def run(*args, cwd):
-    return subprocess.Popen([sys.executable, str(ROOT / "eval_ppl.py"), *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def test_cli_writes_table_json_and_plot(tiny, tmp_path):
+@pytest.fixture
+def docs(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("The grass is green. " * 20)
     (tmp_path / "more.jsonl").write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x y " * 90}) + "\n")
-    proc = run("--checkpoint", tiny[1], "--data", "docs", "more.jsonl", "--lengths", 32, 128, "--max-docs", 5,
-               "--rope", "default", "yarn", '{"rope_type": "ntk", "factor": 4}', "--out", "r.json", "--plot", "p.png",
-               cwd=tmp_path)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    assert "token-weighted" in out and "ntk(factor=4)" in out
-    report = json.loads((tmp_path / "r.json").read_text())
+    return tmp_path
+
+
+def test_cli_writes_table_json_and_plot(tiny, docs):
+    result = run_script("eval_ppl.py", "--checkpoint", tiny[1], "--data", "docs", "more.jsonl", "--lengths", 32, 128,
+                        "--max-docs", 5, "--rope", "default", "yarn", '{"rope_type": "ntk", "factor": 4}',
+                        "--factor", 3, "--dtype", "float32", "--out", "r.json", "--plot", "p.png", cwd=docs)
+    assert result.returncode == 0, result.stderr
+    assert "token-weighted" in result.stdout and "ntk(factor=4)" in result.stdout
+    report = json.loads((docs / "r.json").read_text())
     assert [d["tokens"] for d in report["documents"]] == [400, 360]  # "short" has fewer than 128 tokens
     assert report["settings"]["rope_scaling"]["ntk(factor=4)"]["factor"] == 4.0
-    assert report["settings"]["mean"] == "token-weighted"
+    assert report["settings"]["rope_scaling"]["yarn"]["factor"] == 3.0  # --factor is --scale's other name
+    assert report["settings"]["mean"] == "token-weighted" and report["settings"]["dtype"] == "float32"
     assert set(report["perplexity"]) == {"default", "yarn", "ntk(factor=4)"}
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert (docs / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bad_input_is_one_line_on_stderr(tiny, tmp_path):
-    (tmp_path / "doc.txt").write_text("The grass is green. " * 20)
-    (tmp_path / "empty.txt").write_text("")
-    cases = {"no document long enough": ["--lengths", 5000],
-             "empty file": ["--data", "empty.txt"],
-             "length below stride": ["--mode", "sliding", "--lengths", 64, "--stride", 128],
-             "malformed rope dict": ["--rope", '{"rope_type": "yarn", "factor": }']}
-    procs = {case: run("--checkpoint", tiny[1], "--data", "doc.txt", "--lengths", 64, *args, cwd=tmp_path)
-             for case, args in cases.items()}  # run together: most of each is starting Python and torch
-    for case, proc in procs.items():
-        _, err = proc.communicate()
-        lines = err.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("eval_ppl.py: error: "), (case, err)
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", 5000], "no document has at least 5000 tokens"),
+    (["--data", "empty.txt"], "empty.txt is empty"),
+    (["--data", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+    (["--data", "nowhere/"], "--data nowhere: no such file or folder"),
+    (["--mode", "sliding", "--lengths", 64, "--stride", 128], "--stride (128) must not exceed"),
+    (["--rope", '{"rope_type": "yarn", "factor": }'], "is not valid JSON"),
+    (["--rope", '{"rope_type": "yarn", "beta_fats": 8}'], "key 'beta_fats' is not read by rope_type yarn"),
+    (["--checkpoint", "hf"], "a Hugging Face checkpoint? convert it"),
+    (["--checkpoint", "nowhere"], "nowhere is not a checkpoint directory"),
+])
+def test_bad_input_is_a_clear_error(tiny, docs, monkeypatch, args, message):
+    monkeypatch.chdir(docs)
+    (docs / "empty.txt").write_text("")
+    (docs / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (docs / "hf").mkdir()
+    (docs / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (docs / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises((ValueError, OSError)) as e:
+        eval_ppl.main(["--checkpoint", str(tiny[1]), "--data", "docs/a.txt", "--lengths", "64", *map(str, args)])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "inf"], "--scale/--factor: must be a finite number >= 1 (got inf)"),
+    (["--lengths", "1"], "--lengths: must be a finite number >= 2 (got 1)"),
+    (["--max-docs", "0"], "--max-docs: must be a finite number >= 1 (got 0)"),
+    (["--dtype", "fp16"], "--dtype: invalid choice: 'fp16'"),
+])
+def test_bad_numbers_are_one_line_before_anything_runs(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        eval_ppl.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("eval_ppl.py: error")
+
+
+def test_output_paths_are_checked_before_the_evaluation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    for args, message in ((["--plot", "ppl.bmpx"], "--plot ppl.bmpx: the extension must be one of"),
+                          (["--out", str(tmp_path)], "is a folder"),
+                          (["--out", "file/r.json"], "cannot write into")):
+        with pytest.raises(ValueError, match=message):  # a missing checkpoint would have been the error after
+            eval_ppl.main(["--checkpoint", "missing", "--data", "missing.txt", *args])
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_1(tiny, docs):
+    one_error_line(run_script("eval_ppl.py", "--checkpoint", tiny[1], "--data", "docs", "--lengths", 5000, cwd=docs),
+                   "eval_ppl.py", "no document has at least 5000 tokens")
+
+
+def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tiny, docs):
+    (docs / "long.txt").write_text("The grass is green. " * 3000)
+    before = snapshot(docs)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval_ppl.py"), "--checkpoint", str(tiny[1]), "--data",
+                             "long.txt", "--mode", "sliding", "--stride", "1", "--lengths", "256", "--out", "r.json"],
+                            cwd=docs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "forward passes" not in proc.stderr.read(1) + proc.stderr.readline():  # wait until it computes
+        assert proc.poll() is None
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "eval_ppl.py: interrupted", err
+    assert "Traceback" not in err and snapshot(docs) == before

@@ -1,0 +1,254 @@
+"""Helpers the scripts share and that know nothing of RoPE or the model: atomic writes, reading documents, the
+command line (one-line errors, checked numbers), the compute dtype, and measurements of the machine."""
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"  # SmolLM2-135M, converted from its GGUF on first use
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
+# ----------------------------------------------------------------------------- files: complete or absent
+
+def temp_path(path, tag="tmp"):
+    """A sibling of `path` that only this process writes: .NAME.HOST.PID.tmp"""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{tag}")
+
+
+def remove_stale_temps(path):
+    """Remove the temporary siblings of `path` that a killed process of this host left behind."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}\.(\d+)\.(tmp|old)")
+    for p in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+        match = pattern.fullmatch(p.name)
+        if match and not process_alive(int(match.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def write_atomic(path, write):
+    """write(tmp) fills a temporary sibling of `path`, which is then renamed to `path`: a file that exists is
+    complete, whatever stopped the writer. The one way every script here writes a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # some writers (safetensors) create private files
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def write_dir_atomic(path, fill, force=False):
+    """fill(tmp) fills a temporary sibling folder that is then renamed to `path`: the folder is complete, or as it
+    was. A non-empty `path` is replaced only with force (moved aside first, deleted once the new one is in place)."""
+    path = Path(path)
+    if is_nonempty(path) and not force:
+        raise ValueError(f"{path} already exists and is not empty: pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp, old = temp_path(path), temp_path(path, "old")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for p in (tmp, *tmp.rglob("*")):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~UMASK)
+        if is_nonempty(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def is_nonempty(path):
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def is_within(path, other):
+    """Whether `path` is `other` or lies inside it (symbolic links resolved)."""
+    path, other = Path(path).resolve(), Path(other).resolve()
+    return path == other or other in path.parents
+
+
+def check_output_file(path, flag, suffixes=None):
+    """Fail before a long job, not after it, when its output file cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {path}: the extension must be one of {', '.join(sorted(suffixes))}")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write into {folder}")
+
+
+def plot_suffixes():
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return {f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes()}
+
+
+# ----------------------------------------------------------------------------- documents
+
+def document_files(paths, flag="--data"):
+    """The files behind `paths`: a file as given, a folder's .txt and .jsonl files (recursively, sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            if not found:
+                raise ValueError(f"{flag} {path} holds no .txt or .jsonl file")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    return files
+
+
+def read_documents(files):
+    """(name, text) of every document, in order: a .jsonl file holds one {"text": ...} per line, any other file is
+    one document. Empty files, text that is not UTF-8 and bad JSON lines are errors that name the file."""
+    for path in files:
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not raw.strip():
+            raise ValueError(f"{path} is empty: remove it from the data")
+        if path.suffix != ".jsonl":
+            yield str(path), raw
+            continue
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                    assert isinstance(text, str)
+                except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                    raise ValueError(f"{path}:{n} is not a JSON object with a \"text\" string") from None
+                yield f"{path}:{n}", text
+
+
+# ----------------------------------------------------------------------------- the command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: `script.py: error: ...`."""
+
+    def __init__(self, script, doc):
+        super().__init__(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(cast=float, min=None, max=None, above=None):
+    """An argparse type: a finite int or float within [min, max] (and > above)."""
+    def parse(text):
+        try:
+            x = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if cast is int else 'a number'} is needed, "
+                                             f"not {text!r}") from None
+        if not math.isfinite(x) or (min is not None and x < min) or (max is not None and x > max) \
+                or (above is not None and x <= above):
+            bounds = [f">= {min:g}" if min is not None else "", f"> {above:g}" if above is not None else "",
+                      f"<= {max:g}" if max is not None else ""]
+            raise argparse.ArgumentTypeError(f"must be a finite number {' and '.join(b for b in bounds if b)} "
+                                             f"(got {text})")
+        return x
+    return parse
+
+
+def cli(main):
+    """Run a script's main(): bad input and failed I/O end in one line on stderr (exit 1), Ctrl-C in one line
+    (exit 130); what the script was writing is removed by the writers above."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{prog}: error: {e}")
+
+
+# ----------------------------------------------------------------------------- dtype and the machine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def native_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch reports it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def compute_dtype(name, device):
+    """--dtype: float32, bfloat16, or auto (bfloat16 on CUDA and on CPUs with native bf16, else float32)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else torch.float32
+    return DTYPES[name]
+
+
+def add_dtype_arg(parser):
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="compute dtype: auto picks bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, "
+                             "AMX), float32 elsewhere (default: auto)")
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory(device):
+    """Peak memory of this process in bytes: allocated on a CUDA device, resident set size (weights included) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def clock(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def matmul_peak(dtype, device, repeats=6):
+    """Best FLOP/s of an n x n by n x n product (2048 on CPU, 8192 on CUDA): the practical peak MFU is measured
+    against, for this dtype on this machine."""
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock(device)
+        a @ b
+        best = min(best, clock(device) - start)
+    return 2 * n ** 3 / best
