@@ -1,0 +1,184 @@
+"""The README's fine-tuning study: does a short YaRN fine-tune extend SmolLM2-135M (trained at 8192 tokens) to 32k,
+past the length of its fine-tuning data? YaRN and PI (the ablation) at s = 4, measured before and after, and the
+attention temperature of §3.4 on the model without fine-tuning.
+
+    python study.py            # every step below that has not finished yet (~8 h on 2 CPU cores), then the report
+    python study.py --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
+    python study.py --list     # the commands, in order
+
+Every number comes from train.py, eval_ppl.py and eval_passkey.py, run with the commands in STEPS: a step whose
+output exists is skipped, an interrupted fine-tune resumes (--resume), so the study can be stopped and restarted at
+any point. Data: the books of assets.py, three for fine-tuning and two held out for every evaluation.
+"""
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import assets
+import rope
+from common import ArgumentParser, cli, write_json
+from eval_ppl import save_plot
+
+OUT, DOCS = Path("runs/study"), Path("docs")
+TRAIN = ["data/books/botchan.txt", "data/books/lcet10.txt", "data/books/plrabn12.txt"]  # 294,947 tokens
+HELD_OUT = ["data/books/alice29.txt", "data/books/asyoulik.txt"]  # 39,357 and 39,915 tokens
+LENGTHS = [4096 * i for i in range(1, 9)]  # 4k .. 32k = 4 x 8192
+# s = 4 (8k -> 32k) on 8192-token sequences: a quarter of the target length, as the paper's 128k models were trained
+# on 64k sequences. The paper's lr 2e-5 moved a 7B model over 400 steps of 4M tokens; 30 steps of 2 x 8192 tokens
+# move a 135M model about as far (in Adam's summed updates) at 1e-4, after 5 warm-up steps.
+FINE_TUNE = ["--scale", "4", "--seq-len", "8192", "--batch-size", "2", "--steps", "30", "--lr", "1e-4",
+             "--warmup-steps", "5", "--save-every", "5", "--no-activation-checkpointing", "--data", *TRAIN]
+PPL = ["--data", *HELD_OUT, "--max-docs", "2", "--lengths", *map(str, LENGTHS)]
+PASSKEY = ["--lengths", "8192", "16384", "32768", "--depths", "0.1", "0.3", "0.5", "0.7", "0.9", "--trials", "2"]
+# sqrt(1/t) around the paper's 0.1 ln(s) + 1 (eq. 22): 1.0693 for s = 2, 1.1386 for s = 4
+TEMPERATURES = {2: [1.0, 1.03, 1.05, 1.0693, 1.09, 1.12, 1.15, 1.2], 4: [1.0, 1.05, 1.1, 1.1386, 1.18, 1.22, 1.27, 1.35]}
+SWEEP_LENGTHS = {2: [4096, 8192, 12288, 16384], 4: LENGTHS}
+
+
+def yarn(scale, attention_factor):
+    return json.dumps({"rope_type": "yarn", "factor": scale, "attention_factor": attention_factor})
+
+
+# (name, the file that exists once the step is done, the command)
+STEPS = [
+    ("fine-tune YaRN", OUT / "yarn" / "final" / "config.json",
+     ["train.py", *FINE_TUNE, "--rope", "yarn", "--out-dir", str(OUT / "yarn"), "--resume"]),
+    ("fine-tune PI", OUT / "pi" / "final" / "config.json",
+     ["train.py", *FINE_TUNE, "--rope", "linear", "--out-dir", str(OUT / "pi"), "--resume"]),
+    ("perplexity, no fine-tune", OUT / "ppl-base.json",
+     ["eval_ppl.py", "--rope", "default", "linear", "yarn", "--scale", "4", *PPL, "--out", str(OUT / "ppl-base.json")]),
+    ("perplexity, YaRN fine-tuned", OUT / "ppl-yarn.json",
+     ["eval_ppl.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PPL,
+      "--out", str(OUT / "ppl-yarn.json")]),
+    ("perplexity, PI fine-tuned", OUT / "ppl-pi.json",
+     ["eval_ppl.py", "--checkpoint", str(OUT / "pi" / "final"), "--rope", "checkpoint", *PPL,
+      "--out", str(OUT / "ppl-pi.json")]),
+    ("passkey, YaRN without fine-tuning", OUT / "passkey-base.json",
+     ["eval_passkey.py", "--rope", "yarn", "--scale", "4", *PASSKEY, "--out", str(OUT / "passkey-base.json")]),
+    ("passkey, YaRN fine-tuned", OUT / "passkey-yarn.json",
+     ["eval_passkey.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PASSKEY,
+      "--out", str(OUT / "passkey-yarn.json")]),
+    *[(f"temperature sweep, s = {s}", OUT / f"temperature-s{s}.json",
+       ["eval_ppl.py", "--rope", *[yarn(s, a) for a in TEMPERATURES[s]], "--data", *HELD_OUT, "--max-docs", "2",
+        "--lengths", *map(str, SWEEP_LENGTHS[s]), "--out", str(OUT / f"temperature-s{s}.json")]) for s in (2, 4)],
+]
+
+
+def run_steps():
+    assets.ensure_books()
+    for name, done, command in STEPS:
+        if done.exists():
+            print(f"done: {name}")
+            continue
+        print(f"running: {name}: python {shlex.join(command)}", flush=True)
+        if subprocess.run([sys.executable, *command]).returncode:
+            raise ValueError(f"step '{name}' failed; fix what it says, then run study.py again to continue")
+
+
+# ----------------------------------------------------------------------------- the report
+
+def load(name):
+    path = OUT / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_log(run):
+    path = OUT / run / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def passkey_by_length(report):
+    """{length: {"correct", "trials"}} over every depth of the one configuration in an eval_passkey.py report."""
+    (trials,) = report["trials"].values()
+    return {L: {"correct": sum(t["correct"] for cell in by_depth.values() for t in cell),
+                "trials": sum(len(cell) for cell in by_depth.values())} for L, by_depth in trials.items()}
+
+
+def report():
+    ppl = {"PI s=4, no fine-tune": ("ppl-base.json", "linear"), "YaRN s=4, no fine-tune": ("ppl-base.json", "yarn"),
+           "plain RoPE, no fine-tune": ("ppl-base.json", "default"), "PI s=4, fine-tuned": ("ppl-pi.json", "checkpoint"),
+           "YaRN s=4, fine-tuned": ("ppl-yarn.json", "checkpoint")}
+    evals = {name: load(name) for name in {file for file, _ in ppl.values()} | {"passkey-base.json",
+                                                                               "passkey-yarn.json"}}
+    finetune = {
+        "commands": [f"python {shlex.join(command)}" for _, _, command in STEPS],
+        "data": {"fine-tune": TRAIN, "held-out": HELD_OUT},
+        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi")},
+        "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
+                                                      in ppl.items() if evals[file]}},
+        "passkey": {model: passkey_by_length(evals[file]) for model, file in
+                    (("YaRN s=4, no fine-tune", "passkey-base.json"), ("YaRN s=4, fine-tuned", "passkey-yarn.json"))
+                    if evals[file]},
+        "evaluations": evals,
+    }
+    write_json(DOCS / "finetune.json", finetune)
+    temperature = {}
+    for s in (2, 4):
+        sweep = load(f"temperature-s{s}.json")
+        if sweep:
+            temperature[f"s={s}"] = {"scale": s, "formula": rope.yarn_attention_factor(s),
+                                     "attention_factors": TEMPERATURES[s], "lengths": SWEEP_LENGTHS[s],
+                                     "perplexity": {W: [sweep["perplexity"][label][str(W)] for label in sweep["perplexity"]]
+                                                    for W in SWEEP_LENGTHS[s]}, "evaluation": sweep}
+    write_json(DOCS / "temperature.json", temperature)
+    plot(finetune, temperature)
+    print(f"wrote {DOCS / 'finetune.json'}, {DOCS / 'temperature.json'} and the figures in {DOCS}")
+
+
+def plot(finetune, temperature):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run, label in (("yarn", "YaRN s=4"), ("pi", "PI s=4")):
+        log = finetune["runs"][run]["log"]
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", label=label)
+    ax.set(xlabel="step (2 sequences of 8192 tokens)", ylabel="training loss", title="fine-tuning SmolLM2-135M")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_plot(fig, DOCS / "finetune_loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, by_length in finetune["perplexity"]["models"].items():
+        style = "-" if "fine-tuned" in model else "--"
+        ax.plot(LENGTHS, [by_length[str(W)] for W in LENGTHS], style, marker="o", label=model)
+    ax.axvline(8192, color="gray", linestyle=":", label="trained context and fine-tuning length (8192)")
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity, held-out books (log scale)", yscale="log",
+           title="SmolLM2-135M extended to 32k: before and after fine-tuning")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_plot(fig, DOCS / "finetune_ppl.png")
+
+    if temperature:
+        fig, axes = plt.subplots(1, len(temperature), figsize=(5.5 * len(temperature), 4), squeeze=False)
+        for ax, sweep in zip(axes[0], temperature.values()):
+            W = sweep["lengths"][-1]
+            ax.plot(sweep["attention_factors"], sweep["perplexity"][W], marker="o", label=f"{W} tokens")
+            ax.axvline(sweep["formula"], color="red", linestyle=":", label=f"0.1 ln(s) + 1 = {sweep['formula']:.3f}")
+            ax.set(xlabel="attention_factor sqrt(1/t)", ylabel="perplexity, held-out books",
+                   title=f"YaRN s = {sweep['scale']}, no fine-tuning")
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        save_plot(fig, DOCS / "temperature.png")
+
+
+def main(argv=None):
+    parser = ArgumentParser(__file__, __doc__)
+    parser.add_argument("--report", action="store_true", help="only write the report from what runs/study holds")
+    parser.add_argument("--list", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        return print("\n".join(f"# {name}\npython {shlex.join(command)}" for name, _, command in STEPS))
+    if not args.report:
+        run_steps()
+    report()
+
+
+if __name__ == "__main__":
+    cli(main)
