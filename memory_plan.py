@@ -19,10 +19,11 @@ SHAPES = {  # Touvron et al. 2023 (Llama 2, vocabulary 32000); Mistral 7B v0.1 (
     "Mistral 7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336),
 }
 # the runs the paper reports, as its reference run script made them: (model, s, sequence length, steps, GPUs the
-# authors used: one node of 8 A100 80 GB for 7B, 64 GPUs in 8 nodes for the others)
+# authors used: one node of 8 A100 80 GB for Llama 2 7B, 64 GPUs in 8 nodes for 13B and 70B; not stated for Mistral)
 PAPER_RUNS = [("Llama 2 7B", 16, 65536, 400, 8), ("Llama 2 7B", 32, 65536, 200, 8),
               ("Llama 2 13B", 16, 65536, 400, 64), ("Llama 2 13B", 32, 65536, 200, 64),
-              ("Llama 2 70B", 8, 8192, 400, 64), ("Mistral 7B", 8, 16384, 1000, 64), ("Mistral 7B", 16, 16384, 500, 64)]
+              ("Llama 2 70B", 8, 8192, 400, 64), ("Mistral 7B", 8, 16384, 1000, None),
+              ("Mistral 7B", 16, 16384, 500, None)]
 GIB = 1024 ** 3
 
 
@@ -64,14 +65,14 @@ def config(name):
 
 
 def paper_table(gpu_gib):
-    lines = [f"{'run (paper)':<28} {'seq_len':>8} {'GPUs used':>9} {'GiB/GPU (AC)':>12} {'fits':>5} "
+    lines = [f"{'run (paper)':<31} {'seq_len':>8} {'GPUs used':>9} {'GiB/GPU (AC)':>12} {'fits':>5} "
              f"{'GPUs needed':>11}"]
     for name, scale, seq_len, steps, gpus in PAPER_RUNS:
         cfg, run = config(name), f"{name}, s = {scale}, {steps} steps"
-        total = estimate_memory(cfg, seq_len, gpus)["total"] / GIB
+        total = estimate_memory(cfg, seq_len, gpus or 8)["total"] / GIB  # on 8 GPUs where the paper does not say
         needed = gpus_needed(cfg, seq_len, gpu_gib)
-        lines.append(f"{run:<28} {seq_len:>8} {gpus:>9} {total:>12.0f} {'yes' if total <= gpu_gib else 'no':>5} "
-                     f"{needed or '-':>11}")
+        lines.append(f"{run:<31} {seq_len:>8} {gpus or '? (8)':>9} {total:>12.0f} "
+                     f"{'yes' if total <= gpu_gib else 'no':>5} {needed or '-':>11}")
     return "\n".join(lines)
 
 

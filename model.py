@@ -271,10 +271,10 @@ class Llama(nn.Module):
     def nll(self, tokens, targets, chunk_size=1024):
         """Per-token negative log-likelihood [B, T] in fp32 (0 where targets == -100), computed chunk by chunk so
         that [T, vocab] logits never exist at once; in training each chunk's logits are recomputed in backward."""
-        h, t = self.hidden(tokens).flatten(0, 1), targets.flatten()
+        hidden, flat_targets = self.hidden(tokens).flatten(0, 1), targets.flatten()
         losses = []
-        for i in range(0, t.numel(), chunk_size):
-            args = (h[i:i + chunk_size], t[i:i + chunk_size])
+        for i in range(0, flat_targets.numel(), chunk_size):
+            args = (hidden[i:i + chunk_size], flat_targets[i:i + chunk_size])
             losses.append(checkpoint(self._chunk_nll, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else self._chunk_nll(*args))
         return torch.cat(losses).view_as(targets)

@@ -60,9 +60,10 @@ STEPS = [
     ("passkey, YaRN fine-tuned", OUT / "passkey-yarn.json",
      ["eval_passkey.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PASSKEY,
       "--out", str(OUT / "passkey-yarn.json")]),
-    *[(f"temperature sweep, s = {s}", OUT / f"temperature-s{s}.json",
-       ["eval_ppl.py", "--rope", *[yarn(s, a) for a in TEMPERATURES[s]], "--data", *HELD_OUT, "--max-docs", "2",
-        "--lengths", *map(str, SWEEP_LENGTHS[s]), "--out", str(OUT / f"temperature-s{s}.json")]) for s in (2, 4)],
+    *[(f"temperature sweep, s = {scale}", OUT / f"temperature-s{scale}.json",
+       ["eval_ppl.py", "--rope", *[yarn(scale, a) for a in TEMPERATURES[scale]], "--data", *HELD_OUT, "--max-docs",
+        "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]), "--out", str(OUT / f"temperature-s{scale}.json")])
+      for scale in (2, 4)],
 ]
 
 
@@ -115,13 +116,14 @@ def report():
     }
     write_json(DOCS / "finetune.json", finetune)
     temperature = {}
-    for s in (2, 4):
-        sweep = load(f"temperature-s{s}.json")
+    for scale in (2, 4):
+        sweep = load(f"temperature-s{scale}.json")
         if sweep:
-            temperature[f"s={s}"] = {"scale": s, "formula": rope.yarn_attention_factor(s),
-                                     "attention_factors": TEMPERATURES[s], "lengths": SWEEP_LENGTHS[s],
-                                     "perplexity": {W: [sweep["perplexity"][label][str(W)] for label in sweep["perplexity"]]
-                                                    for W in SWEEP_LENGTHS[s]}, "evaluation": sweep}
+            temperature[f"s={scale}"] = {
+                "scale": scale, "formula": rope.yarn_attention_factor(scale), "attention_factors": TEMPERATURES[scale],
+                "lengths": SWEEP_LENGTHS[scale], "evaluation": sweep,
+                "perplexity": {W: [by_length[str(W)] for by_length in sweep["perplexity"].values()]
+                               for W in SWEEP_LENGTHS[scale]}}
     write_json(DOCS / "temperature.json", temperature)
     plot(finetune, temperature)
     print(f"wrote {DOCS / 'finetune.json'}, {DOCS / 'temperature.json'} and the figures in {DOCS}")

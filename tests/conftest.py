@@ -80,6 +80,29 @@ def one_error_line(result, script, *words, code=1):
     return lines[0]
 
 
+def hf_state_in_our_names(model):
+    """transformers' state dict under our tensor names (written out here, independently of convert_llama)."""
+    ours = {}
+    for name, w in model.state_dict().items():
+        for theirs, mine in [("model.embed_tokens", "tok_embeddings"), ("model.norm", "norm"), ("lm_head", "output"),
+                             ("model.layers", "layers"), ("input_layernorm", "attention_norm"),
+                             ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+                             ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+                             ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "feed_forward.w1"),
+                             ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3")]:
+            name = name.replace(theirs, mine)
+        ours[name] = w
+    if model.config.tie_word_embeddings:
+        del ours["output.weight"]
+    return ours
+
+
+def load_ours(path):
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "model.safetensors"), json.loads((Path(path) / "config.json").read_text())
+
+
 def snapshot(path):
     """Every file and folder below path with its size and modification time."""
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).rglob("*"))}

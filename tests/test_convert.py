@@ -5,43 +5,19 @@ import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import gguf
 import pytest
 import torch
 
 import assets
-from conftest import ROOT, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
+from conftest import ROOT, hf_state_in_our_names, load_ours, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
 from convert_llama import convert
 from model import Llama
 
 VOCAB = 320
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-
-
-def hf_state_in_our_names(model):
-    """transformers' state dict under our tensor names (written out here, independently of convert_llama)."""
-    ours = {}
-    for name, w in model.state_dict().items():
-        for theirs, mine in [("model.embed_tokens", "tok_embeddings"), ("model.norm", "norm"), ("lm_head", "output"),
-                             ("model.layers", "layers"), ("input_layernorm", "attention_norm"),
-                             ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
-                             ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
-                             ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "feed_forward.w1"),
-                             ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3")]:
-            name = name.replace(theirs, mine)
-        ours[name] = w
-    if model.config.tie_word_embeddings:
-        del ours["output.weight"]
-    return ours
-
-
-def load_ours(path):
-    from safetensors.torch import load_file
-
-    return load_file(Path(path) / "model.safetensors"), json.loads((Path(path) / "config.json").read_text())
 
 
 def assert_same_tensors(got, expected):
@@ -382,6 +358,19 @@ def test_export_to_hugging_face_gives_the_same_logits_in_transformers(tmp_path, 
         if rope_scaling:  # so that the scaling is part of what was compared
             plain = Llama.from_pretrained(tmp_path / "ours", rope_scaling={"rope_type": "default"})(tokens)
             assert (plain - ours).abs().max() > 1e-3
+
+
+def test_export_refuses_a_non_empty_out_and_its_own_source(tmp_path):
+    tiny_llama(vocab_size=VOCAB).save_pretrained(tmp_path / "ours")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="already exists and is not empty: pass --force"):
+        convert(tmp_path / "ours", tmp_path / "hf")
+    for out in (tmp_path / "ours", tmp_path / "ours" / "hf", tmp_path):
+        with pytest.raises(ValueError, match="overlap"):
+            convert(tmp_path / "ours", out, force=True)
+    assert snapshot(tmp_path) == before
 
 
 def test_export_of_a_variant_transformers_lacks_is_a_clear_error(tmp_path):

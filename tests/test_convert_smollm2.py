@@ -8,7 +8,7 @@ import torch
 import assets
 from convert_llama import convert
 from model import Llama
-from test_convert import hf_state_in_our_names, load_ours
+from conftest import hf_state_in_our_names, load_ours
 from tokenizer import Tokenizer
 
 

@@ -2,6 +2,7 @@
 mode against separate passes, and bad input on the command line."""
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import eval_ppl
 from conftest import ROOT, byte_tokenizer, one_error_line, run_script, snapshot, write_hf_llama
 from convert_llama import convert
 from model import Llama, LlamaConfig
+from tokenizer import Tokenizer
 
 L = 64  # max_position_embeddings of the tiny model
 VOCAB = 258
@@ -166,6 +168,7 @@ def test_cli_writes_table_json_and_plot(tiny, docs):
     (["--rope", '{"rope_type": "yarn", "beta_fats": 8}'], "key 'beta_fats' is not read by rope_type yarn"),
     (["--checkpoint", "hf"], "a Hugging Face checkpoint? convert it"),
     (["--checkpoint", "nowhere"], "nowhere is not a checkpoint directory"),
+    (["--checkpoint", "other_tokenizer"], "the tokenizer has 320 tokens but the model's embedding table has 258 rows"),
 ])
 def test_bad_input_is_a_clear_error(tiny, docs, monkeypatch, args, message):
     monkeypatch.chdir(docs)
@@ -174,6 +177,9 @@ def test_bad_input_is_a_clear_error(tiny, docs, monkeypatch, args, message):
     (docs / "hf").mkdir()
     (docs / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     (docs / "hf" / "model.safetensors").write_bytes(b"")
+    shutil.copytree(tiny[1], docs / "other_tokenizer")
+    Tokenizer(ranks={bytes([i]): i for i in range(256)}, pattern=r"\S+|\s+", special_tokens={f"<{i}>": 256 + i for i in
+              range(64)}, bos_id=256, eos_id=257).save_pretrained(docs / "other_tokenizer")
     with pytest.raises((ValueError, OSError)) as e:
         eval_ppl.main(["--checkpoint", str(tiny[1]), "--data", "docs/a.txt", "--lengths", "64", *map(str, args)])
     assert message in str(e.value)
@@ -181,6 +187,7 @@ def test_bad_input_is_a_clear_error(tiny, docs, monkeypatch, args, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--scale", "inf"], "--scale/--factor: must be a finite number >= 1 (got inf)"),
+    (["--factor", "inf"], "--scale/--factor: must be a finite number >= 1 (got inf)"),
     (["--lengths", "1"], "--lengths: must be a finite number >= 2 (got 1)"),
     (["--max-docs", "0"], "--max-docs: must be a finite number >= 1 (got 0)"),
     (["--dtype", "fp16"], "--dtype: invalid choice: 'fp16'"),
