@@ -25,6 +25,7 @@ The HF side loads the GGUF once (transformers needs the `gguf` package for that)
 its processes; without transformers installed, or with --no-hf, only our side runs.
 """
 import contextlib
+import json
 import multiprocessing
 import os
 import platform
@@ -47,10 +48,10 @@ WARMUP_MAX = 4096
 
 # ---- one side, one case, one mode: what runs inside a worker process ----
 
-def load(side, path, mode, device, train):
+def load(side, path, mode, device, train, rope_scaling=None):
     dtype = torch.bfloat16 if mode == "bfloat16" and not train else torch.float32
     if side == "ours":
-        model = Llama.from_pretrained(path, dtype=dtype, device=device)
+        model = Llama.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype, device=device)
         if train and mode == "bfloat16":  # train.py's way: bf16 compute, fp32 master weights and gradient reduction
             import torch.distributed as dist
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -100,16 +101,20 @@ def train_case(model, side, context):
     return run
 
 
-def decode_case(model, side, context, device):
-    """run(prompt, n) -> the times at which the final norm finished, one per forward (prefill, then each step)."""
+def decode_case(model, side, context, device, dynamic_cache="pre-rope"):
+    """run(prompt, n) -> the times at which the final norm finished, one per forward (the prefill, then one per new
+    token, whether that step reads the KV cache or, with dynamic_cache="recompute", runs the whole sequence again)."""
     times = []
-    (model.norm if side == "ours" else model.model.norm).register_forward_hook(lambda *_: times.append(clock(device)))
+
+    def ready(*_):
+        times.append(clock(device))
+    (model.norm if side == "ours" else model.model.norm).register_forward_hook(ready)
 
     def run(prompt, n):
         times.clear()
         with context:
             if side == "ours":
-                model.generate(prompt, n)
+                model.generate(prompt, n, dynamic_cache=dynamic_cache)
             else:
                 model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, min_new_tokens=n,
                                max_new_tokens=n, pad_token_id=model.config.eos_token_id)
@@ -122,9 +127,9 @@ def worker(conn, job):
     try:
         torch.set_num_threads(job["threads"])
         device, train = torch.device(job["device"]), job["case"] == "train"
-        model = load(job["side"], job["path"], job["mode"], device, train)
+        model = load(job["side"], job["path"], job["mode"], device, train, job["rope_scaling"])
         context = compute_context(job["side"], job["mode"], device, train)
-        run = decode_case(model, job["side"], context, device) if job["case"] == "decode" else \
+        run = decode_case(model, job["side"], context, device, job["dynamic_cache"]) if job["case"] == "decode" else \
             {"score": score_case, "train": train_case}[job["case"]](model, job["side"], context)
         x = torch.randint(0, job["vocab_size"], (1, job["tokens"] + 1), generator=torch.Generator().manual_seed(0))
         x = x.to(device)
@@ -277,6 +282,32 @@ def table(results, modes, hf):
     return "\n".join(lines)
 
 
+PROFILE_GROUPS = {"attention": ("scaled_dot_product",), "matmuls": ("aten::mm", "aten::addmm", "aten::bmm"),
+                  "loss": ("log_softmax", "nll_loss", "cross_entropy")}
+
+
+def profile_score(path, tokens, mode, device):
+    """Where our scoring time goes at one length: self time of the profiled ops, grouped into attention (SDPA),
+    matmuls, the loss (log-softmax and cross-entropy over the vocabulary) and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load("ours", path, mode, device, train=False)
+    run = score_case(model, "ours", compute_context("ours", mode, device, False))
+    x = torch.randint(0, model.config.vocab_size, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
+    run(x[:, :min(tokens, WARMUP_MAX) + 1].to(device))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = clock(device)
+        run(x.to(device))
+        seconds = clock(device) - start
+    groups = dict.fromkeys([*PROFILE_GROUPS, "rest"], 0.0)
+    for event in prof.key_averages():
+        group = next((g for g, names in PROFILE_GROUPS.items() if any(n in event.key for n in names)), "rest")
+        groups[group] += event.self_cpu_time_total / 1e6
+    total = sum(groups.values())
+    return {"tokens": tokens, "mode": mode, "seconds": seconds, "share": {g: t / total for g, t in groups.items()},
+            "profiled_seconds": groups}
+
+
 def get_args(argv=None):
     p = ArgumentParser(__file__, __doc__)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
@@ -293,6 +324,12 @@ def get_args(argv=None):
     p.add_argument("--decode", type=number(int, min=1), nargs="*", metavar="N",
                    help=f"PROMPT NEW: prompt length and new tokens (default {FULL['decode']}; given without values: "
                         "none)")
+    p.add_argument("--rope", type=json.loads, metavar="JSON", help="our side only (with --no-hf): this rope_scaling "
+                   "instead of the checkpoint's, e.g. a dynamic variant for --decode")
+    p.add_argument("--dynamic-cache", choices=["pre-rope", "recompute"], default="pre-rope",
+                   help="decoding with a dynamic variant: keys cached before RoPE (default), or recompute")
+    p.add_argument("--profile", type=number(int, min=2), nargs="+", metavar="T", help="instead of the comparison: "
+                   "where our scoring time goes at these lengths, per mode (torch.profiler)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="compute modes (default: float32, and bfloat16 on CUDA "
                    "and on CPUs with native bf16)")
     p.add_argument("--repeats", type=number(int, min=1), help="timed runs per case and side; the median is reported "
@@ -310,6 +347,8 @@ def main(argv=None):
     cases = {name: defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults}
     if cases["decode"] and len(cases["decode"]) != 2:
         raise ValueError(f"--decode takes a prompt length and a number of new tokens (got {cases['decode']})")
+    if args.rope is not None and not args.no_hf:
+        raise ValueError("--rope changes our side only: pass --no-hf with it")
     device = torch.device(args.device)
     modes = args.modes or ["float32"] + (["bfloat16"] if device.type == "cuda" or native_bf16() else [])
     repeats = args.repeats or (1 if args.quick else 3)
@@ -330,10 +369,19 @@ def main(argv=None):
     peaks = {mode: matmul_peak(dtypes[mode], device) for mode in modes}
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
+               "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache,
                "native_bf16": native_bf16(), "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
     print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
           + (f", transformers {machine['transformers']}" if hf else ", our side only"))
+    if args.profile:
+        profiles = [profile_score(checkpoint, T, mode, device) for T in args.profile for mode in modes]
+        for p in profiles:
+            print(f"score {p['tokens']} {p['mode']}: {p['seconds']:.1f} s under the profiler; " + ", ".join(
+                f"{group} {share:.0%}" for group, share in p["share"].items()))
+        if args.out:
+            write_json(args.out, {"machine": machine, "profiles": profiles})
+        return
     print(f"FLOPs: {' '.join(LlamaConfig.flops.__doc__.split())}")
     print(f"peak memory: {'max_memory_allocated' if device.type == 'cuda' else 'absolute peak RSS of the process'} "
           f"(one fresh process per case, mode and side); figures are medians of {repeats} run(s) after a warm-up")
@@ -352,7 +400,8 @@ def main(argv=None):
                 print(f"{case} {tokens}{f'+{new_tokens}' if new_tokens else ''} {mode} ...", flush=True)
                 jobs = {side: {"side": side, "case": case, "tokens": tokens, "new_tokens": new_tokens, "path": path,
                                "threads": args.threads, "device": str(device), "mode": mode,
-                               "vocab_size": cfg.vocab_size} for side, path in paths.items()}
+                               "vocab_size": cfg.vocab_size, "rope_scaling": args.rope,
+                               "dynamic_cache": args.dynamic_cache} for side, path in paths.items()}
                 result[mode] = measure(jobs, repeats)
             results.append(result)
 

@@ -50,6 +50,8 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, keep):
     except (dcp.api.CheckpointException, RuntimeError) as e:  # a full disk, most often, which torch.save reports
         free = shutil.disk_usage(out_dir).free / 2 ** 20       # as "unexpected pos": say how much room was left
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(cause(e), KeyboardInterrupt):  # Ctrl-C during the write, which dcp wraps like any error
+            raise KeyboardInterrupt from None
         raise OSError(f"cannot write checkpoint {tmp} ({first_line(e)}); {free:.0f} MiB free on its disk") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,9 +67,13 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, keep):
     dist.barrier()
 
 
+def cause(e):
+    """The first rank's own exception inside one that dcp gathered from all ranks; it says what is wrong."""
+    return next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+
+
 def first_line(e):
-    if isinstance(e, dcp.api.CheckpointException):  # the first rank's own error says what is wrong
-        e = next(iter(e.failures.values()))[0]
+    e = cause(e)
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
@@ -83,6 +89,8 @@ def load_checkpoint(path, model, optimizer):
         rng_file = path / f"rng_{dist.get_rank()}.pt"  # absent when resuming on more processes than saved it
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else rng_states()
     except (Exception, dcp.api.CheckpointException) as e:  # a truncated shard, a bad .metadata, a missing file
+        if isinstance(cause(e), KeyboardInterrupt):
+            raise KeyboardInterrupt from None
         raise ValueError(f"checkpoint {path} is corrupt or incomplete ({first_line(e)}); point "
                          f"{path.parent / 'latest'} at an older step_N, or start over with --overwrite") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

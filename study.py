@@ -2,7 +2,7 @@
 past the length of its fine-tuning data? YaRN and PI (the ablation) at s = 4, measured before and after, and the
 attention temperature of §3.4 on the model without fine-tuning.
 
-    python study.py            # every step below that has not finished yet (~8 h on 2 CPU cores), then the report
+    python study.py            # every step below that has not finished yet (~6 h on 2 CPU cores), then the report
     python study.py --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
     python study.py --list     # the commands, in order
 
@@ -31,7 +31,8 @@ LENGTHS = [4096 * i for i in range(1, 9)]  # 4k .. 32k = 4 x 8192
 FINE_TUNE = ["--scale", "4", "--seq-len", "8192", "--batch-size", "2", "--steps", "30", "--lr", "1e-4",
              "--warmup-steps", "5", "--save-every", "5", "--no-activation-checkpointing", "--data", *TRAIN]
 PPL = ["--data", *HELD_OUT, "--max-docs", "2", "--lengths", *map(str, LENGTHS)]
-PASSKEY = ["--lengths", "8192", "16384", "32768", "--depths", "0.1", "0.3", "0.5", "0.7", "0.9", "--trials", "2"]
+# one trial per depth: a 32k prompt costs ~4 min here (attention is 85% of it), so 5 trials per length per model
+PASSKEY = ["--lengths", "8192", "16384", "32768", "--depths", "0.1", "0.3", "0.5", "0.7", "0.9", "--trials", "1"]
 # sqrt(1/t) around the paper's 0.1 ln(s) + 1 (eq. 22): 1.0693 for s = 2, 1.1386 for s = 4
 TEMPERATURES = {2: [1.0, 1.03, 1.05, 1.0693, 1.09, 1.12, 1.15, 1.2], 4: [1.0, 1.05, 1.1, 1.1386, 1.18, 1.22, 1.27, 1.35]}
 SWEEP_LENGTHS = {2: [4096, 8192, 12288, 16384], 4: LENGTHS}
@@ -41,29 +42,36 @@ def yarn(scale, attention_factor):
     return json.dumps({"rope_type": "yarn", "factor": scale, "attention_factor": attention_factor})
 
 
-# (name, the file that exists once the step is done, the command)
+def sweep(scale):
+    """The temperature step: perplexity of YaRN at scale `scale` for each attention_factor in TEMPERATURES."""
+    out = OUT / f"temperature-s{scale}.json"
+    return (f"temperature sweep, s = {scale}", out,
+            ["eval_ppl.py", "--rope", *[yarn(scale, a) for a in TEMPERATURES[scale]], "--data", *HELD_OUT,
+             "--max-docs", "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]), "--out", str(out)])
+
+
+# (name, the file that exists once the step is done, the command), in order of what the study needs most: the
+# YaRN fine-tune measured before and after first, the PI ablation and the s = 4 temperature sweep last
 STEPS = [
     ("fine-tune YaRN", OUT / "yarn" / "final" / "config.json",
      ["train.py", *FINE_TUNE, "--rope", "yarn", "--out-dir", str(OUT / "yarn"), "--resume"]),
-    ("fine-tune PI", OUT / "pi" / "final" / "config.json",
-     ["train.py", *FINE_TUNE, "--rope", "linear", "--out-dir", str(OUT / "pi"), "--resume"]),
     ("perplexity, no fine-tune", OUT / "ppl-base.json",
      ["eval_ppl.py", "--rope", "default", "linear", "yarn", "--scale", "4", *PPL, "--out", str(OUT / "ppl-base.json")]),
     ("perplexity, YaRN fine-tuned", OUT / "ppl-yarn.json",
      ["eval_ppl.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PPL,
       "--out", str(OUT / "ppl-yarn.json")]),
-    ("perplexity, PI fine-tuned", OUT / "ppl-pi.json",
-     ["eval_ppl.py", "--checkpoint", str(OUT / "pi" / "final"), "--rope", "checkpoint", *PPL,
-      "--out", str(OUT / "ppl-pi.json")]),
     ("passkey, YaRN without fine-tuning", OUT / "passkey-base.json",
      ["eval_passkey.py", "--rope", "yarn", "--scale", "4", *PASSKEY, "--out", str(OUT / "passkey-base.json")]),
     ("passkey, YaRN fine-tuned", OUT / "passkey-yarn.json",
      ["eval_passkey.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PASSKEY,
       "--out", str(OUT / "passkey-yarn.json")]),
-    *[(f"temperature sweep, s = {scale}", OUT / f"temperature-s{scale}.json",
-       ["eval_ppl.py", "--rope", *[yarn(scale, a) for a in TEMPERATURES[scale]], "--data", *HELD_OUT, "--max-docs",
-        "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]), "--out", str(OUT / f"temperature-s{scale}.json")])
-      for scale in (2, 4)],
+    sweep(2),
+    ("fine-tune PI", OUT / "pi" / "final" / "config.json",
+     ["train.py", *FINE_TUNE, "--rope", "linear", "--out-dir", str(OUT / "pi"), "--resume"]),
+    ("perplexity, PI fine-tuned", OUT / "ppl-pi.json",
+     ["eval_ppl.py", "--checkpoint", str(OUT / "pi" / "final"), "--rope", "checkpoint", *PPL,
+      "--out", str(OUT / "ppl-pi.json")]),
+    sweep(4),
 ]
 
 
@@ -126,7 +134,27 @@ def report():
                                for W in SWEEP_LENGTHS[scale]}}
     write_json(DOCS / "temperature.json", temperature)
     plot(finetune, temperature)
+    print(markdown(finetune, temperature))
     print(f"wrote {DOCS / 'finetune.json'}, {DOCS / 'temperature.json'} and the figures in {DOCS}")
+
+
+def markdown(finetune, temperature):
+    """The README's tables, from the report."""
+    lines = ["| model (perplexity, held-out books) | " + " | ".join(f"{W:,}" for W in LENGTHS) + " |",
+             "|---" * (len(LENGTHS) + 1) + "|"]
+    for model, by_length in finetune["perplexity"]["models"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{round(by_length[str(W)], 2):.2f}" for W in LENGTHS) + " |")
+    lines += ["", "| model (passkey: right / trials) | " + " | ".join(f"{int(L):,}" for L in PASSKEY[1:4]) + " |",
+              "|---|---|---|---|"]
+    for model, by_length in finetune["passkey"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{c['correct']} / {c['trials']}" for c in by_length.values()) + " |")
+    for sweep in temperature.values():
+        lines += ["", f"| YaRN s = {sweep['scale']}, attention_factor | "
+                  + " | ".join(f"{a:g}" for a in sweep["attention_factors"]) + " |",
+                  "|---" * (len(sweep["attention_factors"]) + 1) + "|"]
+        for W, row in sweep["perplexity"].items():
+            lines.append(f"| perplexity at {W:,} | " + " | ".join(f"{p:.2f}" for p in row) + " |")
+    return "\n".join(lines)
 
 
 def plot(finetune, temperature):

@@ -56,7 +56,6 @@ from tokenizer import Tokenizer
 AC_MIN_SEQ_LEN = 4096  # activation checkpointing is on by default from this sequence length
 
 
-
 def get_args(argv=None):
     p = ArgumentParser(__file__, __doc__)
     arg = p.add_argument
@@ -91,8 +90,8 @@ def get_args(argv=None):
     arg("--grad-clip", type=number(float, min=0), default=1.0, help="clip the global gradient norm to this, 0: off; "
         "the paper gives no value and its reference code's --grad-norm flag never clipped (default: %(default)s)")
     add_dtype_arg(p)
-    arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, help=f"recompute each block in backward "
-                                                                   f"(default: on when seq_len >= {AC_MIN_SEQ_LEN})")
+    arg("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+        help=f"recompute each block in backward (default: on when seq_len >= {AC_MIN_SEQ_LEN})")
     arg("--compile", action="store_true", help="torch.compile each block")
     arg("--save-every", type=positive, default=50, help="checkpoint every this many steps (default: %(default)s)")
     arg("--keep", type=non_negative, default=2, help="keep this many newest checkpoints, 0: all (default: %(default)s)")

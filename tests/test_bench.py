@@ -77,3 +77,13 @@ def test_quick_bench_runs_our_side_alone_without_transformers(tiny, tmp_path):
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     one_error_line(run_script("bench.py", "--quick", "--no-hf", "--checkpoint", tmp_path / "nope"), "bench.py", "nope",
                    "is not a checkpoint directory")
+
+
+def test_profile_splits_our_scoring_time_into_groups(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), "--no-hf", "--threads", "1", "--checkpoint", str(tiny / "ours"),
+                           "--profile", "256", "--modes", "float32", "--out", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, timeout=120, cwd=tiny)
+    assert proc.returncode == 0, proc.stderr
+    (profile,) = json.loads((tmp_path / "p.json").read_text())["profiles"]
+    assert profile["share"].keys() == {"attention", "matmuls", "loss", "rest"}
+    assert math.isclose(sum(profile["share"].values()), 1) and min(profile["share"].values()) > 0
