@@ -341,47 +341,19 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    defaults = QUICK if args.quick else FULL
-    cases = {name: defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults}
-    if cases["decode"] and len(cases["decode"]) != 2:
-        raise ValueError(f"--decode takes a prompt length and a number of new tokens (got {cases['decode']})")
-    if args.rope is not None and not args.no_hf:
-        raise ValueError("--rope changes our side only: pass --no-hf with it")
-    device = torch.device(args.device)
-    modes = args.modes or ["float32"] + (["bfloat16"] if device.type == "cuda" or native_bf16() else [])
-    repeats = args.repeats or (1 if args.quick else 3)
-    checkpoint = Path(args.checkpoint)
-    if args.checkpoint == DEFAULT_CHECKPOINT:
-        from convert_llama import default_checkpoint
-        default_checkpoint()
-    cfg = LlamaConfig.from_checkpoint(checkpoint)
-    hf = not args.no_hf
-    if hf:
-        try:
-            import transformers
-        except ImportError:
-            print("transformers is not installed: running our side only")
-            hf = False
-    torch.set_num_threads(args.threads)
+def profile(args, checkpoint, modes, device, machine):
+    profiles = [profile_score(checkpoint, T, mode, device) for T in args.profile for mode in modes]
+    for p in profiles:
+        print(f"score {p['tokens']} {p['mode']}: {p['seconds']:.1f} s under the profiler; " + ", ".join(
+            f"{group} {share:.0%}" for group, share in p["share"].items()))
+    if args.out:
+        write_json(args.out, {"machine": machine, "profiles": profiles})
+
+
+def compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine):
+    """Every case of `cases` in every mode, ours and HF's; prints the table and writes --out."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "autocast": torch.bfloat16}
     peaks = {mode: matmul_peak(dtypes[mode], device) for mode in modes}
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
-               "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache,
-               "native_bf16": native_bf16(), "torch": torch.__version__,
-               "transformers": transformers.__version__ if hf else None}
-    print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
-          + (f", transformers {machine['transformers']}" if hf else ", our side only"))
-    if args.profile:
-        profiles = [profile_score(checkpoint, T, mode, device) for T in args.profile for mode in modes]
-        for p in profiles:
-            print(f"score {p['tokens']} {p['mode']}: {p['seconds']:.1f} s under the profiler; " + ", ".join(
-                f"{group} {share:.0%}" for group, share in p["share"].items()))
-        if args.out:
-            write_json(args.out, {"machine": machine, "profiles": profiles})
-        return
     print(f"FLOPs: {' '.join(LlamaConfig.flops.__doc__.split())}")
     print(f"peak memory: {'max_memory_allocated' if device.type == 'cuda' else 'absolute peak RSS of the process'} "
           f"(one fresh process per case, mode and side); figures are medians of {repeats} run(s) after a warm-up")
@@ -420,6 +392,41 @@ def main(argv=None):
                               "peak_memory": "max_memory_allocated" if device.type == "cuda"
                               else "peak RSS of the process", "results": results})
 
+
+def main(argv=None):
+    args = get_args(argv)
+    defaults = QUICK if args.quick else FULL
+    cases = {name: defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults}
+    if cases["decode"] and len(cases["decode"]) != 2:
+        raise ValueError(f"--decode takes a prompt length and a number of new tokens (got {cases['decode']})")
+    if args.rope is not None and not args.no_hf:
+        raise ValueError("--rope changes our side only: pass --no-hf with it")
+    device = torch.device(args.device)
+    modes = args.modes or ["float32"] + (["bfloat16"] if device.type == "cuda" or native_bf16() else [])
+    repeats = args.repeats or (1 if args.quick else 3)
+    checkpoint = Path(args.checkpoint)
+    if args.checkpoint == DEFAULT_CHECKPOINT:
+        from convert_llama import default_checkpoint
+        default_checkpoint()
+    cfg = LlamaConfig.from_checkpoint(checkpoint)
+    hf = not args.no_hf
+    if hf:
+        try:
+            import transformers
+        except ImportError:
+            print("transformers is not installed: running our side only")
+            hf = False
+    torch.set_num_threads(args.threads)
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+               or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
+               "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache,
+               "native_bf16": native_bf16(), "torch": torch.__version__,
+               "transformers": transformers.__version__ if hf else None}
+    print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
+          + (f", transformers {machine['transformers']}" if hf else ", our side only"))
+    if args.profile:
+        return profile(args, checkpoint, modes, device, machine)
+    compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine)
 
 if __name__ == "__main__":
     cli(main)
