@@ -53,6 +53,7 @@ from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, cli, comp
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
+DEFAULT_DATA = "data/books"  # the books of assets.py, fetched on first use
 AC_MIN_SEQ_LEN = 4096  # activation checkpointing is on by default from this sequence length
 
 
@@ -114,8 +115,8 @@ def check_args(args, world):
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     rope.parse_rope_scaling(scaling_of(args, 1))  # a bad --beta-fast fails now, not after loading
     out_dir = Path(args.out_dir)
-    for flag, paths in (("--model", [args.model]), ("--data", args.data)):
-        for path in paths or []:
+    for flag, paths in (("--model", [args.model or DEFAULT_CHECKPOINT]), ("--data", args.data or [DEFAULT_DATA])):
+        for path in paths:
             if args.overwrite and is_within(path, out_dir):
                 raise ValueError(f"{flag} {path} lies inside --out-dir {out_dir}, which --overwrite would delete")
 
@@ -314,7 +315,7 @@ def run(args, device):
             assets.ensure_books()
         dist.barrier()
         args.model = args.model or DEFAULT_CHECKPOINT
-        args.data = args.data or ["data/books"]
+        args.data = args.data or [DEFAULT_DATA]
     out_dir, src = Path(args.out_dir), Path(args.model)
     start = check_out_dir(out_dir, args)
     torch.manual_seed(args.seed)

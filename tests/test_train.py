@@ -19,7 +19,7 @@ import memory_plan
 from conftest import ROOT, one_error_line, snapshot, tiny_llama
 from model import Llama
 from tokenizer import Tokenizer
-from train import Sequences, get_args, lr_at, tokenize
+from train import Sequences, check_args, get_args, lr_at, tokenize
 
 L = 64  # the tiny model's trained context; --scale 2 trains it on sequences of 128 tokens
 
@@ -290,6 +290,9 @@ def test_overwrite_never_deletes_the_model_or_data_it_reads(setup, tmp_path):
         result = train(flags + inside + ["--overwrite"], run)
         one_error_line(result, "train.py", "lies inside --out-dir", "which --overwrite would delete")
     assert snapshot(tmp_path) == before
+    check_args(get_args(["--overwrite", "--out-dir", str(run)]), 1)  # the defaults lie elsewhere
+    with pytest.raises(ValueError, match="--model checkpoints/smollm2-135m lies inside --out-dir checkpoints"):
+        check_args(get_args(["--overwrite", "--out-dir", "checkpoints"]), 1)
 
 
 def test_resume_without_a_checkpoint_says_so_and_starts_at_step_0(setup, tmp_path):
