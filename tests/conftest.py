@@ -2,6 +2,7 @@
 checks that a script's bad input ends in one line."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,12 @@ def one_error_line(result, script, *words, code=1):
     assert lines[0].startswith(f"{script}: error: ") and "Traceback" not in result.stderr, lines[0]
     assert all(w in lines[0] for w in words), lines[0]
     return lines[0]
+
+
+def sigint_as_ctrl_c():
+    """Popen's preexec_fn for a child that a test sends SIGINT: a shell that starts a job in the background (`cmd &`)
+    makes its processes ignore SIGINT, and Python then installs no Ctrl-C handler; restore the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def hf_state_in_our_names(model):

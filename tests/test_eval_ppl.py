@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval_ppl
-from conftest import ROOT, byte_tokenizer, one_error_line, run_script, snapshot, write_hf_llama
+from conftest import ROOT, byte_tokenizer, one_error_line, run_script, sigint_as_ctrl_c, snapshot, write_hf_llama
 from convert_llama import convert
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
@@ -219,7 +219,8 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tiny, docs):
     before = snapshot(docs)
     proc = subprocess.Popen([sys.executable, str(ROOT / "eval_ppl.py"), "--checkpoint", str(tiny[1]), "--data",
                              "long.txt", "--mode", "sliding", "--stride", "1", "--lengths", "256", "--out", "r.json"],
-                            cwd=docs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=docs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_ctrl_c)
     while "forward passes" not in proc.stderr.read(1) + proc.stderr.readline():  # wait until it computes
         assert proc.poll() is None
     time.sleep(1)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import assets
 import memory_plan
-from conftest import ROOT, one_error_line, snapshot, tiny_llama
+from conftest import ROOT, one_error_line, sigint_as_ctrl_c, snapshot, tiny_llama
 from model import Llama
 from tokenizer import Tokenizer
 from train import Sequences, check_args, get_args, lr_at, tokenize
@@ -326,7 +326,7 @@ def test_leftovers_of_killed_writes_are_removed(setup, tmp_path):
 
 def test_ctrl_c_is_one_line_and_exit_130(setup, tmp_path):
     proc = train(setup[1] + ["--steps", "400", "--save-every", "1"], tmp_path / "run", stdout=subprocess.PIPE,
-                 stderr=subprocess.PIPE)
+                 stderr=subprocess.PIPE, preexec_fn=sigint_as_ctrl_c)
     while "step" not in (line := proc.stdout.readline()) or "data:" not in line:  # it has started
         assert proc.poll() is None, proc.stderr.read()
     time.sleep(3)
