@@ -2,7 +2,7 @@
 past the length of its fine-tuning data? YaRN and PI (the ablation) at s = 4, measured before and after, and the
 attention temperature of §3.4 on the model without fine-tuning.
 
-    python study.py            # every step below that has not finished yet (~6 h on 2 CPU cores), then the report
+    python study.py            # every step below that has not finished yet (~5 h on 2 CPU cores), then the report
     python study.py --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
     python study.py --list     # the commands, in order
 
@@ -26,8 +26,8 @@ TRAIN = ["data/books/botchan.txt", "data/books/lcet10.txt", "data/books/plrabn12
 HELD_OUT = ["data/books/alice29.txt", "data/books/asyoulik.txt"]  # 39,357 and 39,915 tokens
 LENGTHS = [4096 * i for i in range(1, 9)]  # 4k .. 32k = 4 x 8192
 # s = 4 (8k -> 32k) on 8192-token sequences: a quarter of the target length, as the paper's 128k models were trained
-# on 64k sequences. The paper's lr 2e-5 moved a 7B model over 400 steps of 4M tokens; 30 steps of 2 x 8192 tokens
-# move a 135M model about as far (in Adam's summed updates) at 1e-4, after 5 warm-up steps.
+# on 64k sequences. lr: the paper's 2e-5 is for a 7B model over 400 steps; 1e-4 (5x) for a 135M model over 30 steps
+# after 5 warm-up steps is a choice, not tuned.
 FINE_TUNE = ["--scale", "4", "--seq-len", "8192", "--batch-size", "2", "--steps", "30", "--lr", "1e-4",
              "--warmup-steps", "5", "--save-every", "5", "--no-activation-checkpointing", "--data", *TRAIN]
 PPL = ["--data", *HELD_OUT, "--max-docs", "2", "--lengths", *map(str, LENGTHS)]
