@@ -114,7 +114,8 @@ def report():
     finetune = {
         "commands": [f"python {shlex.join(command)}" for _, _, command in STEPS],
         "data": {"fine-tune": TRAIN, "held-out": HELD_OUT},
-        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi")},
+        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi")
+                 if (OUT / run / "final" / "config.json").exists()},  # finished runs only
         "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
                                                       in ppl.items() if evals[file]}},
         "passkey": {model: passkey_by_length(evals[file]) for model, file in
@@ -164,9 +165,9 @@ def plot(finetune, temperature):
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for run, label in (("yarn", "YaRN s=4"), ("pi", "PI s=4")):
-        log = finetune["runs"][run]["log"]
-        if not log:
+        if run not in finetune["runs"]:
             continue
+        log = finetune["runs"][run]["log"]
         ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", label=label)
     ax.set(xlabel="step (2 sequences of 8192 tokens)", ylabel="training loss", title="fine-tuning SmolLM2-135M")
     ax.legend()
