@@ -122,6 +122,17 @@ def decode_case(model, side, context, device, dynamic_cache="pre-rope"):
     return run
 
 
+def random_tokens(vocab_size, n, device):
+    """The same n token ids for every side, case and process."""
+    return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def warmup_length(tokens):
+    """Warm up (threads, kernels, optimizer state, the allocator's buffers) at full size up to WARMUP_MAX tokens, on
+    256 tokens above it, so that an 8k or 16k case does not run one more time."""
+    return tokens if tokens <= WARMUP_MAX else 256
+
+
 def worker(conn, job):
     """Load one side, warm up once, then answer each "run" from the driver with that run's timings."""
     try:
@@ -131,8 +142,7 @@ def worker(conn, job):
         context = compute_context(job["side"], job["mode"], device, train)
         run = decode_case(model, job["side"], context, device, job["dynamic_cache"]) if job["case"] == "decode" else \
             {"score": score_case, "train": train_case}[job["case"]](model, job["side"], context)
-        x = torch.randint(0, job["vocab_size"], (1, job["tokens"] + 1), generator=torch.Generator().manual_seed(0))
-        x = x.to(device)
+        x = random_tokens(job["vocab_size"], job["tokens"] + 1, device)
 
         def timed():
             if job["case"] == "decode":
@@ -142,9 +152,7 @@ def worker(conn, job):
             run(x)
             return {"seconds": clock(device) - t0}
 
-        # warm-up (threads, kernels, optimizer state, the allocator's buffers) at full size up to WARMUP_MAX tokens,
-        # on 256 tokens above it, so that an 8k or 16k case does not run one more time
-        warm = job["tokens"] if job["tokens"] <= WARMUP_MAX else 256
+        warm = warmup_length(job["tokens"])
         if job["case"] == "decode":
             run(x[:, :warm], job["new_tokens"])
         else:
@@ -293,11 +301,11 @@ def profile_score(path, tokens, mode, device):
 
     model = load("ours", path, mode, device, train=False)
     run = score_case(model, "ours", compute_context("ours", mode, device, False))
-    x = torch.randint(0, model.config.vocab_size, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
-    run(x[:, :min(tokens, WARMUP_MAX) + 1].to(device))
+    x = random_tokens(model.config.vocab_size, tokens + 1, device)
+    run(x[:, :warmup_length(tokens) + 1])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = clock(device)
-        run(x.to(device))
+        run(x)
         seconds = clock(device) - start
     groups = dict.fromkeys([*PROFILE_GROUPS, "rest"], 0.0)
     for event in prof.key_averages():
@@ -427,6 +435,7 @@ def main(argv=None):
     if args.profile:
         return profile(args, checkpoint, modes, device, machine)
     compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine)
+
 
 if __name__ == "__main__":
     cli(main)

@@ -42,6 +42,22 @@ def yarn(scale, attention_factor):
     return json.dumps({"rope_type": "yarn", "factor": scale, "attention_factor": attention_factor})
 
 
+def finished(run):
+    """The file a fine-tune writes last: its final/ checkpoint."""
+    return OUT / run / "final" / "config.json"
+
+
+def fine_tune(name, run, rope_type):
+    return (f"fine-tune {name}", finished(run),
+            ["train.py", *FINE_TUNE, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"])
+
+
+def perplexity_fine_tuned(name, run):
+    out = OUT / f"ppl-{run}.json"
+    return (f"perplexity, {name} fine-tuned", out,
+            ["eval_ppl.py", "--checkpoint", str(OUT / run / "final"), "--rope", "checkpoint", *PPL, "--out", str(out)])
+
+
 def sweep(scale):
     """The temperature step: perplexity of YaRN at scale `scale` for each attention_factor in TEMPERATURES."""
     out = OUT / f"temperature-s{scale}.json"
@@ -53,24 +69,18 @@ def sweep(scale):
 # (name, the file that exists once the step is done, the command), in order of what the study needs most: the
 # YaRN fine-tune measured before and after first, the PI ablation and the s = 4 temperature sweep last
 STEPS = [
-    ("fine-tune YaRN", OUT / "yarn" / "final" / "config.json",
-     ["train.py", *FINE_TUNE, "--rope", "yarn", "--out-dir", str(OUT / "yarn"), "--resume"]),
+    fine_tune("YaRN", "yarn", "yarn"),
     ("perplexity, no fine-tune", OUT / "ppl-base.json",
      ["eval_ppl.py", "--rope", "default", "linear", "yarn", "--scale", "4", *PPL, "--out", str(OUT / "ppl-base.json")]),
-    ("perplexity, YaRN fine-tuned", OUT / "ppl-yarn.json",
-     ["eval_ppl.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PPL,
-      "--out", str(OUT / "ppl-yarn.json")]),
+    perplexity_fine_tuned("YaRN", "yarn"),
     ("passkey, YaRN without fine-tuning", OUT / "passkey-base.json",
      ["eval_passkey.py", "--rope", "yarn", "--scale", "4", *PASSKEY, "--out", str(OUT / "passkey-base.json")]),
     ("passkey, YaRN fine-tuned", OUT / "passkey-yarn.json",
      ["eval_passkey.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PASSKEY,
       "--out", str(OUT / "passkey-yarn.json")]),
     sweep(2),
-    ("fine-tune PI", OUT / "pi" / "final" / "config.json",
-     ["train.py", *FINE_TUNE, "--rope", "linear", "--out-dir", str(OUT / "pi"), "--resume"]),
-    ("perplexity, PI fine-tuned", OUT / "ppl-pi.json",
-     ["eval_ppl.py", "--checkpoint", str(OUT / "pi" / "final"), "--rope", "checkpoint", *PPL,
-      "--out", str(OUT / "ppl-pi.json")]),
+    fine_tune("PI", "pi", "linear"),
+    perplexity_fine_tuned("PI", "pi"),
     sweep(4),
 ]
 
@@ -109,13 +119,13 @@ def report():
     ppl = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"), "PI s=4, no fine-tune": ("ppl-base.json", "linear"),
            "YaRN s=4, no fine-tune": ("ppl-base.json", "yarn"), "PI s=4, fine-tuned": ("ppl-pi.json", "checkpoint"),
            "YaRN s=4, fine-tuned": ("ppl-yarn.json", "checkpoint")}
-    evals = {name: load(name) for name in {file for file, _ in ppl.values()} | {"passkey-base.json",
-                                                                               "passkey-yarn.json"}}
+    files = dict.fromkeys([*(file for file, _ in ppl.values()), "passkey-base.json", "passkey-yarn.json"])
+    evals = {name: load(name) for name in files}  # in a fixed order, so that a rerun writes the same file
     finetune = {
         "commands": [f"python {shlex.join(command)}" for _, _, command in STEPS],
         "data": {"fine-tune": TRAIN, "held-out": HELD_OUT},
         "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi")
-                 if (OUT / run / "final" / "config.json").exists()},  # finished runs only
+                 if finished(run).exists()},
         "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
                                                       in ppl.items() if evals[file]}},
         "passkey": {model: passkey_by_length(evals[file]) for model, file in
