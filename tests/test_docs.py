@@ -66,10 +66,11 @@ def test_the_fine_tuning_tables_are_what_the_study_wrote():
         by_length = finetune["passkey"][row[0]]
         assert [numbers(cell)[:2] for cell in row[1:]] == [[by_length[L]["correct"], by_length[L]["trials"]]
                                                           for L in by_length], row
-    assert "yarn" in finetune["runs"]
+    assert list(finetune["runs"]) == ["yarn", "pi"]
     for run in finetune["runs"].values():  # every finished run, each step of it
         assert [r["step"] for r in run["log"]] == list(range(1, run["settings"]["steps"] + 1))
     temperature = json.loads((ROOT / "docs" / "temperature.json").read_text())
+    assert list(temperature) == ["s=2", "s=4"]
     for sweep in temperature.values():
         header, rows = markdown_table(f"| YaRN s = {sweep['scale']}, attention_factor |")
         assert [float(h) for h in header[1:]] == sweep["attention_factors"]
