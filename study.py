@@ -43,9 +43,13 @@ def yarn(scale, attention_factor):
     return json.dumps({"rope_type": "yarn", "factor": scale, "attention_factor": attention_factor})
 
 
+def final(run):
+    """The checkpoint a fine-tune writes last, for the evaluations."""
+    return OUT / run / "final"
+
+
 def finished(run):
-    """The file a fine-tune writes last: its final/ checkpoint."""
-    return OUT / run / "final" / "config.json"
+    return final(run) / "config.json"
 
 
 def fine_tune(name, run, rope_type):
@@ -53,35 +57,35 @@ def fine_tune(name, run, rope_type):
             ["train.py", *FINE_TUNE, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"])
 
 
-def perplexity_fine_tuned(name, run):
-    out = OUT / f"ppl-{run}.json"
-    return (f"perplexity, {name} fine-tuned", out,
-            ["eval_ppl.py", "--checkpoint", str(OUT / run / "final"), "--rope", "checkpoint", *PPL, "--out", str(out)])
+def evaluation(name, out, script, *args):
+    """A step that writes one report, OUT/out, with `script` (eval_ppl.py or eval_passkey.py)."""
+    return name, OUT / out, [script, *args, "--out", str(OUT / out)]
+
+
+def fine_tuned(run):
+    return ["--checkpoint", str(final(run)), "--rope", "checkpoint"]
 
 
 def sweep(scale):
     """The temperature step: perplexity of YaRN at scale `scale` for each attention_factor in TEMPERATURES."""
-    out = OUT / f"temperature-s{scale}.json"
-    return (f"temperature sweep, s = {scale}", out,
-            ["eval_ppl.py", "--rope", *[yarn(scale, a) for a in TEMPERATURES[scale]], "--data", *HELD_OUT,
-             "--max-docs", "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]), "--out", str(out)])
+    return evaluation(f"temperature sweep, s = {scale}", f"temperature-s{scale}.json", "eval_ppl.py",
+                      "--rope", *[yarn(scale, a) for a in TEMPERATURES[scale]], "--data", *HELD_OUT,
+                      "--max-docs", "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]))
 
 
 # (name, the file that exists once the step is done, the command), in order of what the study needs most: the
 # YaRN fine-tune measured before and after first, the PI ablation and the s = 4 temperature sweep last
 STEPS = [
     fine_tune("YaRN", "yarn", "yarn"),
-    ("perplexity, no fine-tune", OUT / "ppl-base.json",
-     ["eval_ppl.py", "--rope", "default", "linear", "yarn", "--scale", "4", *PPL, "--out", str(OUT / "ppl-base.json")]),
-    perplexity_fine_tuned("YaRN", "yarn"),
-    ("passkey, YaRN without fine-tuning", OUT / "passkey-base.json",
-     ["eval_passkey.py", "--rope", "yarn", "--scale", "4", *PASSKEY, "--out", str(OUT / "passkey-base.json")]),
-    ("passkey, YaRN fine-tuned", OUT / "passkey-yarn.json",
-     ["eval_passkey.py", "--checkpoint", str(OUT / "yarn" / "final"), "--rope", "checkpoint", *PASSKEY,
-      "--out", str(OUT / "passkey-yarn.json")]),
+    evaluation("perplexity, no fine-tune", "ppl-base.json", "eval_ppl.py",
+               "--rope", "default", "linear", "yarn", "--scale", "4", *PPL),
+    evaluation("perplexity, YaRN fine-tuned", "ppl-yarn.json", "eval_ppl.py", *fine_tuned("yarn"), *PPL),
+    evaluation("passkey, YaRN without fine-tuning", "passkey-base.json", "eval_passkey.py",
+               "--rope", "yarn", "--scale", "4", *PASSKEY),
+    evaluation("passkey, YaRN fine-tuned", "passkey-yarn.json", "eval_passkey.py", *fine_tuned("yarn"), *PASSKEY),
     sweep(2),
     fine_tune("PI", "pi", "linear"),
-    perplexity_fine_tuned("PI", "pi"),
+    evaluation("perplexity, PI fine-tuned", "ppl-pi.json", "eval_ppl.py", *fine_tuned("pi"), *PPL),
     sweep(4),
 ]
 
