@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-import assets
+from tools import assets
 import rope
 from common import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, cli, is_within, number, write_dir_atomic
 from model import LlamaConfig, check_weights, save_weights
@@ -295,7 +295,7 @@ def llama3_scaling(rope_freqs, head_dim, rope_theta, src):
     scaling = {"rope_type": "llama3", "factor": rope_freqs.max().item(), "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     inv_freq, _ = rope.rope_parameters(scaling, head_dim, rope_theta)
-    if not torch.allclose(rope.theta(head_dim, rope_theta) / rope_freqs, inv_freq, rtol=1e-5):
+    if not torch.allclose(rope.inv_freq(head_dim, rope_theta) / rope_freqs, inv_freq, rtol=1e-5):
         raise ValueError(f"{src}: its rope_freqs tensor matches no llama3 rope scaling; it cannot be converted")
     return scaling
 

@@ -306,7 +306,7 @@ def main(argv=None):
     check_outputs(args)
     start = time.time()
     if args.data is None:
-        import assets
+        from tools import assets
         args.data = [str(p) for p in assets.ensure_books()]
     texts = list(read_documents(document_files(args.data)))
     model, tok, methods = load_model(args, parsed_rope)

@@ -309,7 +309,7 @@ def run(args, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.model is None or args.data is None:  # the defaults, fetched once per node by its local rank 0
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            import assets
+            from tools import assets
             import convert_llama
             convert_llama.default_checkpoint()
             assets.ensure_books()

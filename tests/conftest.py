@@ -67,8 +67,11 @@ def byte_tokenizer():
 
 
 def run_script(script, *args, cwd=ROOT, env=None, timeout=300):
-    """Run one of the project's scripts as a user does."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+    """Run one of the project's scripts as a user does (a tool as `python -m tools.NAME`, from the root)."""
+    command = ["-m", script[:-3].replace("/", ".")] if script.startswith("tools/") else [str(ROOT / script)]
+    if script.startswith("tools/"):
+        env = {"PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 

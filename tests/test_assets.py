@@ -1,5 +1,6 @@
 import hashlib
 import io
+import os
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import assets
+from tools import assets
 from conftest import ROOT, one_error_line
 
 
@@ -112,7 +113,19 @@ def test_books_are_utf8_with_unix_newlines_and_rewritten_when_damaged(tmp_path):
 
 
 def test_help_and_bad_command():
-    run = subprocess.run([sys.executable, "assets.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0 and "python assets.py smollm2" in run.stdout
-    run = subprocess.run([sys.executable, "assets.py", "weights"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "tools.assets", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "python -m tools.assets smollm2" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "tools.assets", "weights"], cwd=ROOT, capture_output=True, text=True)
     one_error_line(run, "assets.py", "invalid choice: 'weights'", code=2)
+
+
+def test_the_cache_moves_with_yarn_assets_cache_or_xdg_cache_home(tmp_path):
+    def cache(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("YARN_ASSETS_CACHE", "XDG_CACHE_HOME")}
+        run = subprocess.run([sys.executable, "-c", "from tools import assets; print(assets.CACHE)"], cwd=ROOT,
+                             capture_output=True, text=True, env={**base, **env})
+        return run.stdout.strip()
+
+    assert cache(YARN_ASSETS_CACHE=str(tmp_path / "a"), XDG_CACHE_HOME=str(tmp_path / "x")) == str(tmp_path / "a")
+    assert cache(XDG_CACHE_HOME=str(tmp_path / "x")) == str(tmp_path / "x" / "yarn-assets")
+    assert cache(HOME=str(tmp_path)) == str(tmp_path / ".cache" / "yarn-assets")

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 import convert_llama
+from common import native_bf16
 from conftest import one_error_line, run_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench.py"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ["-m", "tools.bench"]  # run from anywhere: PYTHONPATH names the repository
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +26,14 @@ def tiny(tmp_path_factory):
     return root
 
 
-def run_bench(tiny, out, env=None, modes=("float32", "bfloat16")):
-    return subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--checkpoint", str(tiny / "ours"),
+def bench_env(path=()):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path), str(ROOT)])}
+
+
+def run_bench(tiny, out, modes, env=None):
+    return subprocess.run([sys.executable, *BENCH, "--quick", "--threads", "1", "--checkpoint", str(tiny / "ours"),
                            "--hf", str(tiny / "hf"), "--out", str(out), "--modes", *modes],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tiny)
+                          capture_output=True, text=True, timeout=300, env=env or bench_env(), cwd=tiny)
 
 
 def numbers(x):
@@ -57,32 +63,41 @@ def check_report(report, sides, modes):
 
 
 def test_quick_bench_against_transformers_writes_positive_finite_figures(tiny, tmp_path):
-    proc = run_bench(tiny, tmp_path / "bench.json")
+    proc = run_bench(tiny, tmp_path / "bench.json", ["float32"])
     assert proc.returncode == 0, proc.stderr
-    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours", "hf"}, ["float32", "bfloat16"])
-    assert "ours bf16 / HF fp32" in proc.stdout
+    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours", "hf"}, ["float32"])
+    assert "ratio = ours/HF in the same mode" in proc.stdout
+
+
+# bf16 is emulated, and ~40x slower than fp32, on CPUs without native bf16: there this test is skipped (and reported
+# as skipped, not passed); the fp32 test above is what every machine checks
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (no avx512_bf16 / AMX): bf16 bench not run")
+def test_quick_bench_in_bf16_on_a_cpu_that_computes_it(tiny, tmp_path):
+    proc = run_bench(tiny, tmp_path / "bench.json", ["bfloat16"])
+    assert proc.returncode == 0, proc.stderr
+    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours", "hf"}, ["bfloat16"])
+    assert "HF bfloat16" in proc.stdout
 
 
 def test_quick_bench_runs_our_side_alone_without_transformers(tiny, tmp_path):
     hidden = tmp_path / "hide" / "transformers"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('transformers hidden by test_bench')\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
-    proc = run_bench(tiny, tmp_path / "bench.json", env, modes=["autocast"])
+    proc = run_bench(tiny, tmp_path / "bench.json", ["float32"], bench_env([tmp_path / "hide"]))
     assert proc.returncode == 0, proc.stderr
     assert "transformers is not installed" in proc.stdout
-    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours"}, ["autocast"])
+    check_report(json.loads((tmp_path / "bench.json").read_text()), {"ours"}, ["float32"])
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
-    one_error_line(run_script("bench.py", "--quick", "--no-hf", "--checkpoint", tmp_path / "nope"), "bench.py", "nope",
+    one_error_line(run_script("tools/bench.py", "--quick", "--no-hf", "--checkpoint", tmp_path / "nope"), "bench.py", "nope",
                    "is not a checkpoint directory")
 
 
 def test_profile_splits_our_scoring_time_into_groups(tiny, tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH), "--no-hf", "--threads", "1", "--checkpoint", str(tiny / "ours"),
+    proc = subprocess.run([sys.executable, *BENCH, "--no-hf", "--threads", "1", "--checkpoint", str(tiny / "ours"),
                            "--profile", "256", "--modes", "float32", "--out", str(tmp_path / "p.json")],
-                          capture_output=True, text=True, timeout=120, cwd=tiny)
+                          capture_output=True, text=True, timeout=120, env=bench_env(), cwd=tiny)
     assert proc.returncode == 0, proc.stderr
     (profile,) = json.loads((tmp_path / "p.json").read_text())["profiles"]
     assert profile["share"].keys() == {"attention", "matmuls", "loss", "rest"}

@@ -10,7 +10,7 @@ import gguf
 import pytest
 import torch
 
-import assets
+from tools import assets
 from conftest import ROOT, hf_state_in_our_names, load_ours, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
 from convert_llama import convert
 from model import Llama
@@ -324,7 +324,7 @@ def test_gguf_rope_scaling_gives_the_same_logits(tmp_path, scaling):
         hf = write_hf_llama(tmp_path / "hf", tie=True, vocab_size=VOCAB, max_position_embeddings=131072,
                             rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE})
         inv_freq, _ = rope.llama3(LLAMA3_ROPE, 16, 500000.0, 0)
-        write_gguf(hf, tmp_path / "tiny.gguf", rope_freqs=rope.theta(16, 500000.0) / inv_freq)
+        write_gguf(hf, tmp_path / "tiny.gguf", rope_freqs=rope.inv_freq(16, 500000.0) / inv_freq)
         expected = LLAMA3_ROPE
     convert(tmp_path / "tiny.gguf", tmp_path / "ours")
     assert load_ours(tmp_path / "ours")[1]["rope_scaling"] == expected

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-import assets
+from tools import assets
 from convert_llama import convert
 from model import Llama
 from conftest import hf_state_in_our_names, load_ours

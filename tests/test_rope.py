@@ -21,7 +21,7 @@ def implied_base(inv_freq):
 
 def test_ntk_by_parts_reproduces_the_worked_ramp():
     inv_freq, m = params({"rope_type": "ntk-by-parts", "factor": 16, "original_max_position_embeddings": L})
-    ratio = inv_freq / rope.theta(D, BASE)
+    ratio = inv_freq / rope.inv_freq(D, BASE)
     assert torch.allclose(ratio[:21], torch.ones(21))
     assert ratio[21].item() == pytest.approx(0.963942, abs=1e-6)
     assert ratio[33].item() == pytest.approx(0.53125, abs=1e-6)
@@ -50,7 +50,7 @@ def test_static_ntk_base_for_factor_2():
 def test_dynamic_ntk_base_at_twice_the_original_length():
     cfg = {"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": L}
     assert implied_base(params(cfg, seq_len=8192)[0]) == pytest.approx(30527.7, rel=1e-5)
-    assert torch.equal(params(cfg, seq_len=L)[0], rope.theta(D, BASE))  # plain RoPE while l <= L
+    assert torch.equal(params(cfg, seq_len=L)[0], rope.inv_freq(D, BASE))  # plain RoPE while l <= L
 
 
 def test_dynamic_yarn_scale_is_max_of_finetuned_factor_and_length_ratio():
@@ -60,20 +60,20 @@ def test_dynamic_yarn_scale_is_max_of_finetuned_factor_and_length_ratio():
         inv_freq, m = params(cfg, seq_len)
         assert torch.equal(inv_freq, yarn(s)[0]) and m == yarn(s)[1]
     # a model never fine-tuned (factor 1) is plain RoPE up to L
-    inv_freq, m = params({**cfg, "factor": 1}, seq_len=L)
-    assert torch.equal(inv_freq, rope.theta(D, BASE)) and m == 1.0
+    inv_freq, m = params({**cfg, "factor": 1}, seq_len=L)  # eq. 20 with s = 1: θ_i up to the last bit of rounding
+    assert torch.allclose(inv_freq, rope.inv_freq(D, BASE), rtol=1e-7, atol=0) and m == 1.0
 
 
 def test_linear_divides_every_frequency():
     inv_freq, _ = params({"rope_type": "linear", "factor": 4})
-    assert torch.allclose(inv_freq, rope.theta(D, BASE) / 4)
+    assert torch.allclose(inv_freq, rope.inv_freq(D, BASE) / 4)
 
 
 def test_llama3_keeps_fast_and_interpolates_slow_wavelengths():
     cfg = {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
            "original_max_position_embeddings": 8192}
     inv_freq, m = rope.rope_parameters(rope.parse_rope_scaling(cfg), 128, 500000.0)
-    t = rope.theta(128, 500000.0)
+    t = rope.inv_freq(128, 500000.0)
     wavelen = 2 * math.pi / t
     assert torch.equal(inv_freq[wavelen < 8192 / 4], t[wavelen < 8192 / 4])
     assert torch.allclose(inv_freq[wavelen > 8192], t[wavelen > 8192] / 8)
@@ -104,7 +104,7 @@ def test_rotation_preserves_norms_and_relative_positions():
 
 
 def test_rotation_rotates_pair_i_and_i_plus_half_by_the_angle():
-    inv_freq = rope.theta(8, 10000.0)
+    inv_freq = rope.inv_freq(8, 10000.0)
     cos, sin = rope.cos_sin_tables(inv_freq, 1.5, 10)
     x = torch.randn(10, 8)
     y = rope.apply_rotary(x, cos, sin)

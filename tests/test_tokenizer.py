@@ -3,7 +3,7 @@ tokenizations (made with each model's own Hugging Face tokenizer), and known ids
 import gguf
 import pytest
 
-import assets
+from tools import assets
 from tokenizer import Tokenizer
 
 LLAMA_CPP = ("llama-cpp-python", "0.3.36")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import assets
-import memory_plan
+from tools import assets
+from tools import memory_plan
 from conftest import ROOT, one_error_line, sigint_as_ctrl_c, snapshot, tiny_llama
 from model import Llama
 from tokenizer import Tokenizer

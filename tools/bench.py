@@ -1,9 +1,9 @@
 """Speed and memory of our Llama next to Hugging Face transformers' LlamaForCausalLM: same weights, threads and work.
 
-    python bench.py --out bench.json     # SmolLM2-135M: score 1k..16k, train step 1k/2k, decode 64 after 2k, fp32 and bf16
-    python bench.py --quick              # a subset in a few minutes
-    python bench.py --score 16384 --train --decode --modes bfloat16 --repeats 1
-    python bench.py --checkpoint DIR --hf HF_DIR   # any checkpoint of ours and the same weights as an HF directory
+    python -m tools.bench --out bench.json     # SmolLM2-135M: score 1k..16k, train step 1k/2k, decode 64 after 2k, fp32 and bf16
+    python -m tools.bench --quick              # a subset in a few minutes
+    python -m tools.bench --score 16384 --train --decode --modes bfloat16 --repeats 1
+    python -m tools.bench --checkpoint DIR --hf HF_DIR   # any checkpoint of ours and the same weights as an HF directory
 
 Cases, each a closure run the same way for both sides:
   score   the perplexity path: forward + mean loss over a window of T tokens, under inference_mode
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-import assets
+from tools import assets
 from common import (DEFAULT_CHECKPOINT, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
                     peak_memory, write_json)
 from model import Llama, LlamaConfig

@@ -2,9 +2,9 @@
 past the length of its fine-tuning data? YaRN and PI (the ablation) at s = 4, measured before and after, and the
 attention temperature of §3.4 on the model without fine-tuning.
 
-    python study.py            # every step below that has not finished yet (~5 h on 2 CPU cores), then the report
-    python study.py --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
-    python study.py --list     # the commands, in order
+    python -m tools.study            # every step below that has not finished yet (~5 h on 2 CPU cores), then the report
+    python -m tools.study --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
+    python -m tools.study --list     # the commands, in order
 
 Every number comes from train.py, eval_ppl.py and eval_passkey.py, run with the commands in STEPS: a step whose
 output exists is skipped, an interrupted fine-tune resumes (--resume), so the study can be stopped and restarted at
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import assets
+from tools import assets
 import rope
 from common import ArgumentParser, cli, write_json
 from eval_ppl import save_plot

