@@ -1,6 +1,12 @@
-"""The run directory of train.py: sharded checkpoints that resume exactly, and the rules that keep a run from
-writing into another run's directory or losing its own.
+"""Checkpoint folders: what is written, and every check of what is read back.
 
+A model checkpoint (what convert_llama.py and train.py write, what the evals load) is a folder of
+    config.json         LlamaConfig's fields (load_config checks every key, type and range)
+    model.safetensors   the weights, with n_heads, n_kv_heads and head_dim in its metadata (shapes alone cannot tell
+                        them), and nothing else: safetensors holds tensors only, so loading it runs no code
+    tokenizer files     as convert_llama.py copied them (tokenizer.py reads them)
+
+A training run folder (train.py --out-dir) holds
     step_N/     torch.distributed.checkpoint shards of the model and optimizer (each process writes its own; any
                 number of processes can read them back), meta.json (step, data key) and rng_RANK.pt
     latest      the name of the newest complete step_N (written last, atomically)
@@ -9,10 +15,13 @@ writing into another run's directory or losing its own.
 A step_N is written as step_N.tmp and renamed once every process has finished, so a kill at any point leaves the
 previous checkpoint as `latest`.
 """
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +29,134 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from common import write_atomic, write_json
+from model import Llama, LlamaConfig
+
+LAYOUT_KEYS = ("n_heads", "n_kv_heads", "head_dim")  # recorded in model.safetensors' metadata
+
+
+# ----------------------------------------------------------------------------- model checkpoints
+
+def load_model(path, rope_scaling=None, dtype=None, device=None):
+    """The Llama of a checkpoint folder, memory-mapped (no second copy of the weights). rope_scaling (HF-style dict)
+    replaces the checkpoint's own; {"rope_type": "default"} means plain RoPE. dtype: default fp32 on CPU, bf16 on
+    CUDA."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = load_config(path, **({} if rope_scaling is None else {"rope_scaling": rope_scaling}))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    weights = path / "model.safetensors"
+    try:
+        with safe_open(weights, "pt") as f:
+            layout = f.metadata() or {}
+        state = load_file(weights, device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is truncated or corrupt ({e})") from None
+    for key in LAYOUT_KEYS:
+        if key in layout and layout[key] != str(getattr(config, key)):
+            raise ValueError(f"{path / 'config.json'} says {key} {getattr(config, key)} but {weights} was written "
+                             f"with {layout[key]}: the config was edited; restore its {key}")
+    check_weights(config, {k: v.shape for k, v in state.items()}, f"{weights} and its config.json disagree")
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+def save_model(model, out_dir, dtype=None):
+    """Write config.json and model.safetensors (in dtype, default the model's) into out_dir, each atomically."""
+    out, config = Path(out_dir), model.config
+    state = {k: v.detach().to(dtype or v.dtype) for k, v in model.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda tmp: save_weights(state, tmp, layout(config)))
+    write_atomic(out / "config.json",
+                 lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
+
+
+def layout(config):
+    return {key: str(getattr(config, key)) for key in LAYOUT_KEYS}
+
+
+def save_weights(state, path, metadata):
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file({name: t.contiguous() for name, t in state.items()}, path, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
+
+
+def load_config(path, **overrides):
+    """The LlamaConfig of a checkpoint folder. Keys it does not know are errors (a misspelt key would otherwise
+    be ignored), and so are values of the wrong type or range; overrides replace fields after the checks."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json and model.safetensors): "
+                                f"make one with `python convert_llama.py SRC {path}`")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or "hidden_size" in raw or "model_type" in raw:
+        raise ValueError(f"{file} is not this project's config (a Hugging Face checkpoint? convert it with "
+                         f"`python convert_llama.py {path} OUT`)")
+    fields = [f.name for f in dataclasses.fields(LlamaConfig)]
+    if unknown := sorted(raw.keys() - {*fields, "source"}):
+        raise ValueError(f"{file}: unknown key {unknown[0]!r} (known: {', '.join(fields)}, source)")
+    if missing := [f.name for f in dataclasses.fields(LlamaConfig)
+                   if f.default is dataclasses.MISSING and f.name not in raw]:
+        raise ValueError(f"{file} has no {missing[0]!r}")
+    raw.pop("source", None)
+    try:
+        return dataclasses.replace(llama_config(raw), **overrides)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def llama_config(fields):
+    """LlamaConfig(**fields), once every value has the type and range it must have: a one-line error, not an
+    assertion, for a config that comes from a file."""
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_position_embeddings",
+                 "head_dim", "bos_token_id", "eos_token_id"):
+        value = fields.get(name, 0 if name == "head_dim" else None if name.endswith("token_id") else 1)
+        optional = name in ("head_dim", "bos_token_id", "eos_token_id")
+        if not (optional and value is None) and (not isinstance(value, int) or isinstance(value, bool)
+                                                 or value < (0 if optional else 1)):
+            raise ValueError(f"{name} must be a {'non-negative' if optional else 'positive'} integer (got {value!r})")
+    for name in ("norm_eps", "rope_theta"):
+        value = fields.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number (got {value!r})")
+    if not isinstance(fields.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"tie_word_embeddings must be true or false (got {fields['tie_word_embeddings']!r})")
+    head_dim = fields.get("head_dim") or fields["dim"] // fields["n_heads"]
+    if fields["n_heads"] % fields["n_kv_heads"] or head_dim % 2:
+        raise ValueError(f"n_heads ({fields['n_heads']}) must be a multiple of n_kv_heads ({fields['n_kv_heads']}), "
+                         f"and head_dim ({head_dim}) even")
+    return LlamaConfig(**fields)
+
+
+def check_weights(config, shapes, where):
+    """Every tensor the config implies, with its shape, and no other: name the first that differs."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"{where}: tensor {name} is missing (the config has {config.n_layers} layers, "
+                             f"tie_word_embeddings={config.tie_word_embeddings})")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])} but the config implies {shape} (dim "
+                             f"{config.dim}, {config.n_heads} heads, {config.n_kv_heads} kv heads, head_dim "
+                             f"{config.head_dim}, hidden_dim {config.hidden_dim}, vocab_size {config.vocab_size})")
+    if extra := sorted(shapes.keys() - expected.keys()):
+        raise ValueError(f"{where}: unexpected tensor {extra[0]} (not part of a Llama with this config)")
+
+
+# ----------------------------------------------------------------------------- training run folders
 
 # run.json keys that --resume must match: what changes the numbers (--steps too when the lr decays towards it)
 RUN_KEYS = ("model", "data", "scale", "rope", "original_max_position_embeddings", "seq_len", "beta_fast",

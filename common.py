@@ -10,9 +10,11 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 DEFAULT_CHECKPOINT = "checkpoints/smollm2-135m"  # SmolLM2-135M, converted from its GGUF on first use
 UMASK = os.umask(0o022)
@@ -241,6 +243,19 @@ def clock(device):
     return time.perf_counter()
 
 
+def model_flops(config, tokens, past=0, head_tokens=None):
+    """Model FLOPs of one forward pass over `tokens` positions after `past` cached ones: 2 per multiply-add of every
+    linear layer (the output head only on head_tokens positions, default all), plus attention's q·k and p·v,
+    4·n_heads·head_dim per (query, key) pair and layer, causal pairs only. A training step counts as 3 forward passes
+    (backward = 2x forward); recomputation under activation checkpointing is not counted."""
+    c = config
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_token = c.n_layers * (2 * c.dim * q + 2 * c.dim * kv + 3 * c.dim * c.hidden_dim)
+    pairs = past * tokens + tokens * (tokens + 1) // 2
+    head_tokens = tokens if head_tokens is None else head_tokens
+    return 2 * per_token * tokens + 2 * c.vocab_size * c.dim * head_tokens + 4 * q * c.n_layers * pairs
+
+
 def matmul_peak(dtype, device, repeats=6):
     """Best FLOP/s of an n x n by n x n product (2048 on CPU, 8192 on CUDA): the practical peak MFU is measured
     against, for this dtype on this machine."""
@@ -252,3 +267,18 @@ def matmul_peak(dtype, device, repeats=6):
         a @ b
         best = min(best, clock(device) - start)
     return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- training on many processes
+
+def shard(model, mp_policy, compile):
+    """FSDP2 in torchtitan's order: activation checkpointing (model.activation_checkpointing, applied per block in
+    Llama.hidden), compile each block, shard each block, then the root (embeddings, final norm and head; with tied
+    embeddings the one weight is both, and it lives in the root)."""
+    for i, block in enumerate(model.layers):
+        if compile:  # a wrapper, so that FSDP2's hooks stay outside the compiled graph
+            model.layers[i] = block = torch.compile(block)
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    register_fsdp_forward_method(model, "nll")  # model.nll, not model(), is what training calls
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # nll's output is only summed

@@ -13,6 +13,7 @@ weights go in and out as they are, while Meta and GGUF q/k weights are permuted 
 in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized to fp32) unless
 --dtype says otherwise.
 """
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,8 +26,8 @@ from safetensors import SafetensorError, safe_open
 from tools import assets
 import rope
 from common import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, cli, is_within, number, write_dir_atomic
-from model import LlamaConfig, check_weights, save_weights
 from tokenizer import Tokenizer
+from checkpoint import check_weights, layout, llama_config, load_config, save_weights
 
 # our tensor names -> theirs, used in both directions; blocks are model.layers.N.* in HF, blk.N.* in GGUF
 HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
@@ -337,7 +338,7 @@ def read_ours(src):
     """One of our checkpoint directories as the tensors and config.json of a Hugging Face LlamaForCausalLM."""
     from safetensors.torch import load_file
 
-    cfg = LlamaConfig.from_checkpoint(src)
+    cfg = load_config(src)
     rope_theta, rope_scaling, max_position_embeddings = hf_rope(cfg)
     try:
         state = {ours_to(name, HF_NAMES, HF_LAYERS): t for name, t in load_file(src / "model.safetensors").items()}
@@ -405,8 +406,8 @@ def convert(src, out, force=False, dtype=None, max_position_embeddings=None):
             for name in state if fmt != "hf" else ():  # Meta and GGUF store q and k in Meta's rotary layout
                 if name.endswith(("wq.weight", "wk.weight")):  # k has n_kv_heads heads (GQA)
                     state[name] = permute(state[name], checked.n_heads if "wq" in name else checked.n_kv_heads)
-            save_weights(state, tmp / "model.safetensors", checked.layout())
-            (tmp / "config.json").write_text(json.dumps({**checked.to_dict(), "source": f"{fmt}:{src.name}"},
+            save_weights(state, tmp / "model.safetensors", layout(checked))
+            (tmp / "config.json").write_text(json.dumps({**dataclasses.asdict(checked), "source": f"{fmt}:{src.name}"},
                                                         indent=2) + "\n")
         copy_tokenizer(tmp)
 
@@ -417,8 +418,8 @@ def checked_config(config, state, src, fmt, max_position_embeddings):
     """LlamaConfig of a source's settings, and its tensors checked against it; errors name the source."""
     where = {"hf": src / "config.json", "meta": src / "params.json"}.get(fmt, src)
     try:
-        cfg = LlamaConfig(**{**config, **({"max_position_embeddings": max_position_embeddings}
-                                          if max_position_embeddings else {})})
+        cfg = llama_config({**config, **({"max_position_embeddings": max_position_embeddings}
+                                         if max_position_embeddings else {})})
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
     check_weights(cfg, {name: w.shape for name, w in state.items()}, src)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from common import ArgumentParser, cli, number, peak_memory, write_json
-from eval_ppl import add_model_args, check_outputs, load_model, parse_rope_args, save_plot
+from eval_ppl import add_model_args, check_outputs, load_evaluated, parse_rope_args, save_plot
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -152,7 +152,7 @@ def main(argv=None):
     parsed_rope = parse_rope_args(args.rope)
     check_outputs(args)
     start = time.time()
-    model, tok, methods = load_model(args, parsed_rope)
+    model, tok, methods = load_evaluated(args, parsed_rope)
     cells = build_prompts(tok, lengths, depths, args.trials, args.seed)
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}")

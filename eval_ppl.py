@@ -44,6 +44,7 @@ from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_out
                     write_json)
 from model import Llama
 from tokenizer import Tokenizer
+from checkpoint import load_model
 
 # ----------------------------------------------------------------------------- model and RoPE configurations
 
@@ -107,13 +108,13 @@ def rope_methods(parsed, scale, original_max_position_embeddings, config):
     return methods
 
 
-def load_model(args, parsed_rope):
+def load_evaluated(args, parsed_rope):
     """The checkpoint (SmolLM2 converted when the default is missing), its tokenizer, the methods to compare."""
     if args.checkpoint == DEFAULT_CHECKPOINT:
         from convert_llama import default_checkpoint
         default_checkpoint()
     device = default_device()
-    model = Llama.from_pretrained(args.checkpoint, dtype=compute_dtype(args.dtype, device), device=device)
+    model = load_model(args.checkpoint, dtype=compute_dtype(args.dtype, device), device=device)
     tok = Tokenizer.from_pretrained(args.checkpoint)
     tok.check_fits(model.config.vocab_size, args.checkpoint)
     return model, tok, rope_methods(parsed_rope, args.scale, args.original_max_position_embeddings, model.config)
@@ -309,7 +310,7 @@ def main(argv=None):
         from tools import assets
         args.data = [str(p) for p in assets.ensure_books()]
     texts = list(read_documents(document_files(args.data)))
-    model, tok, methods = load_model(args, parsed_rope)
+    model, tok, methods = load_evaluated(args, parsed_rope)
     docs = tokenize(texts, tok, min_tokens, args.max_docs, model.tok_embeddings.weight.device)
     if lengths[-1] > max(len(doc) for _, doc in docs):
         raise ValueError(f"no document has {lengths[-1]} tokens (--lengths); the longest has "

@@ -1,21 +1,17 @@
-"""A small, self-contained LLaMA that loads real weights, with every RoPE variant of rope.py.
+"""A small, self-contained LLaMA with every RoPE variant of rope.py.
 
-    model = Llama.from_pretrained("checkpoints/smollm2-135m",
+    model = checkpoint.load_model("checkpoints/smollm2-135m",
                                   rope_scaling={"rope_type": "yarn", "factor": 2.0,
                                                 "original_max_position_embeddings": 8192})
     logits = model(tokens)                          # [B, T] -> [B, T, vocab]
     nll = model.nll(tokens[:, :-1], tokens[:, 1:])  # per-token loss, never the full [T, vocab] logits
     out = model.generate(tokens, max_new_tokens=32)
 
-Checkpoint directories (config.json + model.safetensors) are written by convert_llama.py and train.py. The rotary
-layout is Hugging Face's: pair i of a head is (x[i], x[i + head_dim/2]); the converter permutes Meta/GGUF q and k.
-In bf16, RMSNorm, the RoPE tables and rotation, attention's softmax (inside SDPA) and the loss are computed in fp32.
+The rotary layout is Hugging Face's: pair i of a head is (x[i], x[i + head_dim/2]); convert_llama.py permutes Meta and
+GGUF q and k into it. In bf16, RMSNorm, the RoPE tables and rotation, attention's softmax (inside SDPA) and the loss
+are computed in fp32. Reading and writing checkpoint folders, with every check of what is read, is checkpoint.py's.
 """
-import dataclasses
-import json
-import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -23,9 +19,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope
-from common import write_atomic
-
-LAYOUT_KEYS = ("n_heads", "n_kv_heads", "head_dim")  # recorded in model.safetensors: shapes alone cannot tell them
 
 
 @dataclass
@@ -38,7 +31,7 @@ class LlamaConfig:
     vocab_size: int
     head_dim: int = 0  # 0: dim // n_heads
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the base b
     max_position_embeddings: int = 2048  # the context the model is meant to run at (s·L for a scaled model)
     rope_scaling: dict | None = None  # HF-style, see rope.py; None = plain RoPE
     tie_word_embeddings: bool = False
@@ -46,94 +39,15 @@ class LlamaConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_position_embeddings",
-                     "head_dim", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            optional = name in ("head_dim", "bos_token_id", "eos_token_id")
-            if not (optional and value is None) and (not isinstance(value, int) or isinstance(value, bool)
-                                                     or value < (0 if optional else 1)):
-                raise ValueError(f"{name} must be a {'non-negative' if optional else 'positive'} integer (got {value!r})")
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive number (got {value!r})")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ValueError(f"tie_word_embeddings must be true or false (got {self.tie_word_embeddings!r})")
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}), and "
-                             f"head_dim ({self.head_dim}) even")
-        self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    def layout(self):
-        return {key: str(getattr(self, key)) for key in LAYOUT_KEYS}
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert self.head_dim % 2 == 0, "RoPE rotates pairs: head_dim must be even"
+        self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling)  # None for plain RoPE, however spelt
 
     @property
     def original_max_position_embeddings(self):
         """L: the context length the model was pre-trained at (its rope_scaling's, else max_position_embeddings)."""
         return (self.rope_scaling or {}).get("original_max_position_embeddings") or self.max_position_embeddings
-
-    def flops(self, tokens, past=0, head_tokens=None):
-        """Model FLOPs of one forward pass over `tokens` positions after `past` cached ones: 2 per multiply-add of
-        every linear layer (the output head only on head_tokens positions, default all), plus attention's q·k and
-        p·v, 4·n_heads·head_dim per (query, key) pair and layer, causal pairs only. A training step counts as 3
-        forward passes (backward = 2x forward); recomputation under activation checkpointing is not counted."""
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        per_token = self.n_layers * (2 * self.dim * q + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim)
-        pairs = past * tokens + tokens * (tokens + 1) // 2
-        head_tokens = tokens if head_tokens is None else head_tokens
-        return 2 * per_token * tokens + 2 * self.vocab_size * self.dim * head_tokens + 4 * q * self.n_layers * pairs
-
-    @classmethod
-    def from_checkpoint(cls, path, **overrides):
-        """The config of a checkpoint directory. Keys it does not know are errors (a misspelt key would otherwise
-        load as its default); "source", which convert_llama.py writes, is the one extra key."""
-        path = Path(path)
-        file = path / "config.json"
-        if not file.is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json and model.safetensors): "
-                                    f"make one with `python convert_llama.py SRC {path}`")
-        try:
-            raw = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is not valid JSON ({e})") from None
-        if not isinstance(raw, dict) or "hidden_size" in raw or "model_type" in raw:
-            raise ValueError(f"{file} is not this project's config (a Hugging Face checkpoint? convert it with "
-                             f"`python convert_llama.py {path} OUT`)")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        if unknown := sorted(raw.keys() - {*fields, "source"}):
-            raise ValueError(f"{file}: unknown key {unknown[0]!r} (known: {', '.join(fields)}, source)")
-        if missing := [f.name for f in dataclasses.fields(cls)
-                       if f.default is dataclasses.MISSING and f.name not in raw]:
-            raise ValueError(f"{file} has no {missing[0]!r}")
-        try:
-            config = cls(**{k: v for k, v in raw.items() if k != "source"})
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
-        return dataclasses.replace(config, **overrides)
-
-
-def expected_shapes(config):
-    with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
-
-
-def check_weights(config, shapes, where):
-    """Every tensor the config implies, with its shape, and no other: name the first that differs."""
-    expected = expected_shapes(config)
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise ValueError(f"{where}: tensor {name} is missing (the config has {config.n_layers} layers, "
-                             f"tie_word_embeddings={config.tie_word_embeddings})")
-        if tuple(shapes[name]) != shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])} but the config implies {shape} (dim "
-                             f"{config.dim}, {config.n_heads} heads, {config.n_kv_heads} kv heads, head_dim "
-                             f"{config.head_dim}, hidden_dim {config.hidden_dim}, vocab_size {config.vocab_size})")
-    if extra := sorted(shapes.keys() - expected.keys()):
-        raise ValueError(f"{where}: unexpected tensor {extra[0]} (not part of a Llama with this config)")
 
 
 class RMSNorm(nn.Module):
@@ -284,30 +198,12 @@ class Llama(nn.Module):
                  dynamic_cache="pre-rope"):
         """Continue tokens [B, T] by max_new_tokens through the KV cache; greedy when temperature == 0, else sampled
         from the top_k most likely. Returns [B, T + n] tokens, and with return_logits the [B, n, vocab] logits each
-        new token was drawn from.
-
-        A dynamic variant (rope.DYNAMIC) rotates every token anew as the sequence grows. dynamic_cache="pre-rope",
-        the paper's way (§3.3), caches keys before rotation and rotates all of them with the current tables at every
-        step: exact for the first layer, while deeper layers keep the keys and values computed from hidden states
-        of earlier steps, under earlier scales. "recompute" runs the whole sequence again whenever the rotation
-        changed: exactly a full forward pass, at one full pass per such token."""
-        if dynamic_cache not in ("pre-rope", "recompute"):
-            raise ValueError(f"dynamic_cache must be 'pre-rope' or 'recompute' (got {dynamic_cache!r})")
-        cfg, (B, T), ref = self.config, tokens.shape, self.tok_embeddings.weight
-        recompute = rope.is_dynamic(cfg.rope_scaling) and dynamic_cache == "recompute"
-        rotated = not rope.is_dynamic(cfg.rope_scaling) or recompute
-        cache = [KVCache(B, T + max_new_tokens, cfg.n_kv_heads, cfg.head_dim, ref.dtype, ref.device, rotated)
-                 for _ in self.layers]
-        out, pos, done = tokens, 0, torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        params, steps = None, []
+        new token was drawn from. dynamic_cache: how a dynamic variant keeps its cache (see Decoder)."""
+        next_logits = Decoder(self, tokens.size(0), tokens.size(1) + max_new_tokens, dynamic_cache)
+        out, steps = tokens, []
+        done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
-            if recompute:
-                now = rope.rope_parameters(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, out.size(1))
-                if params is not None and (now[1] != params[1] or not torch.equal(now[0], params[0])):
-                    pos = 0  # the rotation changed: every cached token is computed again
-                params = now
-            logits = self.head(self.hidden(out[:, pos:], cache, pos)[:, -1]).float()
-            pos = out.size(1)
+            logits = next_logits(out)
             steps.append(logits)
             nxt = sample(logits, temperature, top_k)
             if eos_id is not None:
@@ -318,52 +214,37 @@ class Llama(nn.Module):
                 break
         return (out, torch.stack(steps, 1)) if return_logits else out
 
-    @classmethod
-    def from_pretrained(cls, path, rope_scaling=None, dtype=None, device=None):
-        """Load a checkpoint directory (memory-mapped, no second copy of the weights). rope_scaling (HF-style dict)
-        replaces the checkpoint's own; {"rope_type": "default"} means plain RoPE. dtype: default fp32 on CPU, bf16
-        on CUDA."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
-        path = Path(path)
-        config = LlamaConfig.from_checkpoint(path, **({} if rope_scaling is None else {"rope_scaling": rope_scaling}))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        weights = path / "model.safetensors"
-        try:
-            with safe_open(weights, "pt") as f:
-                layout = f.metadata() or {}
-            state = load_file(weights, device=str(device))
-        except SafetensorError as e:
-            raise ValueError(f"{weights} is truncated or corrupt ({e})") from None
-        for key in LAYOUT_KEYS:
-            if key in layout and layout[key] != str(getattr(config, key)):
-                raise ValueError(f"{path / 'config.json'} says {key} {getattr(config, key)} but {weights} was written "
-                                 f"with {layout[key]}: the config was edited; restore its {key}")
-        check_weights(config, {k: v.shape for k, v in state.items()}, f"{weights} and its config.json disagree")
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-        return model.eval()
+class Decoder:
+    """next_logits(tokens [B, t]) -> fp32 logits [B, vocab] of the token after them, running only the tokens the KV
+    cache does not hold yet.
 
-    def save_pretrained(self, out_dir, dtype=None):
-        """Write config.json and model.safetensors (in dtype, default the model's) into out_dir, each atomically."""
-        out = Path(out_dir)
-        state = {k: v.detach().to(dtype or v.dtype) for k, v in self.state_dict().items()}
-        write_atomic(out / "model.safetensors", lambda tmp: save_weights(state, tmp, self.config.layout()))
-        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+    A dynamic variant (rope.DYNAMIC) rotates every token anew as the sequence grows. dynamic_cache="pre-rope", the
+    paper's way (§3.3), caches keys before rotation and rotates all of them with the current tables at every step:
+    exact for the first layer, while deeper layers keep the keys and values computed from hidden states of earlier
+    steps, under earlier scales. "recompute" runs the whole sequence again whenever the rotation changed: exactly a
+    full forward pass, at one full pass per such token."""
 
+    def __init__(self, model, batch_size, max_len, dynamic_cache="pre-rope"):
+        if dynamic_cache not in ("pre-rope", "recompute"):
+            raise ValueError(f"dynamic_cache must be 'pre-rope' or 'recompute' (got {dynamic_cache!r})")
+        cfg, ref = model.config, model.tok_embeddings.weight
+        dynamic = rope.is_dynamic(cfg.rope_scaling)
+        self.model, self.recompute = model, dynamic and dynamic_cache == "recompute"
+        self.cache = [KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, ref.dtype, ref.device,
+                              rotated=not dynamic or self.recompute) for _ in model.layers]
+        self.pos, self.rotation = 0, None  # tokens cached; the rotation they were cached under ("recompute")
 
-def save_weights(state, path, metadata):
-    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file({name: t.contiguous() for name, t in state.items()}, path, metadata=metadata)
-    except SafetensorError as e:
-        raise OSError(f"cannot write {path}: {e}") from None
+    def __call__(self, tokens):
+        if self.recompute:
+            cfg = self.model.config
+            now = rope.rope_parameters(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, tokens.size(1))
+            if self.rotation is not None and (now[1] != self.rotation[1] or not torch.equal(now[0], self.rotation[0])):
+                self.pos = 0  # the rotation changed: every cached token is computed again
+            self.rotation = now
+        hidden = self.model.hidden(tokens[:, self.pos:], self.cache, self.pos)
+        self.pos = tokens.size(1)
+        return self.model.head(hidden[:, -1]).float()
 
 
 def sample(logits, temperature, top_k):

@@ -43,12 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
 import rope
-from checkpoint import check_out_dir, load_checkpoint, run_settings, save_checkpoint, start_log
-from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, cli, compute_dtype, document_files, is_within,
+from checkpoint import (check_out_dir, load_checkpoint, load_config, load_model, run_settings, save_checkpoint,
+                        save_model, start_log)
+from common import (DEFAULT_CHECKPOINT, ArgumentParser, model_flops, shard, add_dtype_arg, cli, compute_dtype, document_files, is_within,
                     matmul_peak, number, read_documents, write_atomic, write_dir_atomic, write_json)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
@@ -242,19 +243,6 @@ def load_data(args, src, vocab_size, seq_len):
 
 # ----------------------------------------------------------------------------- the model, sharded
 
-def shard(model, mp_policy, compile):
-    """FSDP2 in torchtitan's order: activation checkpointing (model.activation_checkpointing, applied per block in
-    Llama.hidden), compile each block, shard each block, then the root (embeddings, final norm and head; with tied
-    embeddings the one weight is both, and it lives in the root)."""
-    for i, block in enumerate(model.layers):
-        if compile:  # a wrapper, so that FSDP2's hooks stay outside the compiled graph
-            model.layers[i] = block = torch.compile(block)
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
-    register_fsdp_forward_method(model, "nll")  # model.nll, not model(), is what training calls
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # nll's output is only summed
-
-
 def build_model(config, src, args, device, seq_len):
     """The scaled model with fp32 master weights, sharded over the processes, computing in --dtype (FSDP2's
     MixedPrecisionPolicy: bf16 parameters and activations, gradients reduced in fp32, as on GPUs)."""
@@ -268,7 +256,7 @@ def build_model(config, src, args, device, seq_len):
     shard(model, mp_policy, args.compile)
     model.to_empty(device=device)
     # rank 0 reads the checkpoint, every rank receives its shard (cast to fp32)
-    full = Llama.from_pretrained(src, device="cpu").state_dict() if dist.get_rank() == 0 else {}
+    full = load_model(src, device="cpu").state_dict() if dist.get_rank() == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, dtype
 
@@ -288,7 +276,7 @@ def save_final(model, config, src, out_dir):
         final.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
 
         def fill(tmp):
-            final.save_pretrained(tmp)
+            save_model(final, tmp)
             for f in src.iterdir():  # the tokenizer files
                 if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
@@ -319,7 +307,7 @@ def run(args, device):
     out_dir, src = Path(args.out_dir), Path(args.model)
     start = check_out_dir(out_dir, args)
     torch.manual_seed(args.seed)
-    config = scaled_config(LlamaConfig.from_checkpoint(src), args)
+    config = scaled_config(load_config(src), args)
     seq_len = args.seq_len or config.max_position_embeddings
     data = load_data(args, src, config.vocab_size, seq_len)
     model, dtype = build_model(config, src, args, device, seq_len)
@@ -355,7 +343,7 @@ def logger(args, config, seq_len, dtype, device):
     (model FLOPs, LlamaConfig.flops, over the measured matmul peak of the compute dtype)."""
     world = dist.get_world_size()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (matmul_peak(dtype, device) if dist.get_rank() == 0 else 0)
-    step_flops = 3 * config.flops(seq_len) * args.batch_size
+    step_flops = 3 * model_flops(config, seq_len) * args.batch_size
     tokens_per_step = args.batch_size * seq_len
 
     def log(step, loss, lr, grad_norm, seconds, bar):

@@ -14,6 +14,7 @@ from tools import assets
 from conftest import ROOT, hf_state_in_our_names, load_ours, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
 from convert_llama import convert
 from model import Llama
+from checkpoint import load_model, save_model
 
 VOCAB = 320
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -31,7 +32,7 @@ def assert_same_tensors(got, expected):
 def assert_same_logits(out, hf, atol=1e-4):
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (Llama.from_pretrained(out)(tokens) - hf(tokens).logits).abs().max().item()
+        diff = (load_model(out)(tokens) - hf(tokens).logits).abs().max().item()
     assert diff <= atol, f"max abs logit difference {diff}"
 
 
@@ -346,22 +347,22 @@ def test_gguf_rope_scaling_gives_the_same_logits(tmp_path, scaling):
 def test_export_to_hugging_face_gives_the_same_logits_in_transformers(tmp_path, rope_scaling):
     from transformers import AutoModelForCausalLM
 
-    tiny_llama(rope_scaling, vocab_size=VOCAB, max_position_embeddings=64).save_pretrained(tmp_path / "ours")
+    save_model(tiny_llama(rope_scaling, vocab_size=VOCAB, max_position_embeddings=64), tmp_path / "ours")
     (tmp_path / "ours" / "tokenizer.model").write_bytes(b"copied as is")
     convert(tmp_path / "ours", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"copied as is"
     tokens = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = Llama.from_pretrained(tmp_path / "ours")(tokens)
+        ours = load_model(tmp_path / "ours")(tokens)
         assert (hf(tokens).logits - ours).abs().max() <= 1e-4
         if rope_scaling:  # so that the scaling is part of what was compared
-            plain = Llama.from_pretrained(tmp_path / "ours", rope_scaling={"rope_type": "default"})(tokens)
+            plain = load_model(tmp_path / "ours", rope_scaling={"rope_type": "default"})(tokens)
             assert (plain - ours).abs().max() > 1e-3
 
 
 def test_export_refuses_a_non_empty_out_and_its_own_source(tmp_path):
-    tiny_llama(vocab_size=VOCAB).save_pretrained(tmp_path / "ours")
+    save_model(tiny_llama(vocab_size=VOCAB), tmp_path / "ours")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
@@ -375,7 +376,7 @@ def test_export_refuses_a_non_empty_out_and_its_own_source(tmp_path):
 
 def test_export_of_a_variant_transformers_lacks_is_a_clear_error(tmp_path):
     scaling = {"rope_type": "dynamic-yarn", "factor": 2.0, "original_max_position_embeddings": 16}
-    tiny_llama(scaling, vocab_size=VOCAB).save_pretrained(tmp_path / "ours")
+    save_model(tiny_llama(scaling, vocab_size=VOCAB), tmp_path / "ours")
     with pytest.raises(ValueError, match="transformers has no dynamic-yarn RoPE scaling"):
         convert(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -10,6 +10,7 @@ from convert_llama import convert
 from model import Llama
 from conftest import hf_state_in_our_names, load_ours
 from tokenizer import Tokenizer
+from checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_smollm2_logits_and_greedy_continuation_match_transformers(smollm2):
     out, hf = smollm2
     text = assets.fetch_file(*assets.BOOKS["alice29"]).read_bytes().decode("utf-8-sig").replace("\r\n", "\n")
     tokens = torch.tensor([Tokenizer.from_pretrained(out).encode(text[20000:])[:300]])
-    ours = Llama.from_pretrained(out)
+    ours = load_model(out)
     with torch.no_grad():
         diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
     assert diff <= 1e-3, f"max abs logit difference {diff}"

@@ -1,5 +1,6 @@
 """The README and docs/ against the code and the numbers the scripts wrote: links that point where they say, tables
-that equal the JSON files beside them, and a repository that needs nothing outside itself."""
+that equal the JSON files beside them, a README short enough to be the front door, and a repository that needs
+nothing outside itself."""
 import json
 import re
 import subprocess
@@ -7,6 +8,8 @@ import subprocess
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+PAGES = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+STUDY = (ROOT / "docs" / "study.md").read_text()
 
 
 def test_reading_order_links_point_at_the_definitions_they_name():
@@ -25,9 +28,22 @@ def test_the_repository_stands_alone():
             assert "../shared" not in text and not re.search(r"\bSPEC\b", text), file
 
 
-def markdown_table(heading):
-    """The rows of the first table after `heading` in the README, as lists of cells."""
-    section = README[README.index(heading):]
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 200
+
+
+def test_relative_links_point_at_files_that_exist():
+    for path, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            file = target.split("#")[0]
+            assert (path.parent / file).resolve().exists(), f"{path.relative_to(ROOT)} links to {target}"
+
+
+def markdown_table(text, heading):
+    """The rows of the first table after `heading` in `text` (a page's markdown), as lists of cells."""
+    section = text[text.index(heading):]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     start = section.splitlines().index(lines[0])
     rows = []
@@ -42,26 +58,28 @@ def numbers(cell):
     return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", cell.replace(",", ""))]
 
 
-def test_the_main_table_is_what_eval_ppl_wrote():
-    report = json.loads((ROOT / "docs" / "ppl.json").read_text())
-    header, rows = markdown_table("## Results on a real model")
-    lengths = [int(h) for h in header[1:]]
-    assert lengths == report["settings"]["lengths"]
-    assert len(rows) == len(report["perplexity"])
-    for row, by_length in zip(rows, report["perplexity"].values()):
-        assert [numbers(cell)[0] for cell in row[1:]] == [round(by_length[str(W)], 2) for W in lengths], row
+def test_the_main_tables_are_what_eval_ppl_wrote():
+    for file, dtype in [("ppl.json", "bf16"), ("ppl_fp32.json", "float32")]:  # what --dtype auto picks, either way
+        report = json.loads((ROOT / "docs" / file).read_text())
+        assert report["settings"]["dtype"] == {"bf16": "bfloat16", "float32": "float32"}[dtype]
+        header, rows = markdown_table(README, f"| method (perplexity, {dtype}) |")
+        lengths = [int(h) for h in header[1:]]
+        assert lengths == report["settings"]["lengths"]
+        assert len(rows) == len(report["perplexity"])
+        for row, by_length in zip(rows, report["perplexity"].values()):
+            assert [numbers(cell)[0] for cell in row[1:]] == [round(by_length[str(W)], 2) for W in lengths], row
 
 
 def test_the_fine_tuning_tables_are_what_the_study_wrote():
     finetune = json.loads((ROOT / "docs" / "finetune.json").read_text())
-    header, rows = markdown_table("### Perplexity before and after")
+    header, rows = markdown_table(STUDY, "### Perplexity before and after")
     lengths = [int(h.replace(",", "")) for h in header[1:]]
     assert lengths == finetune["perplexity"]["lengths"]
     models = finetune["perplexity"]["models"]
     assert [row[0] for row in rows] == list(models)
     for row in rows:
         assert [numbers(cell)[0] for cell in row[1:]] == [round(models[row[0]][str(W)], 2) for W in lengths], row
-    header, rows = markdown_table("### Passkey retrieval before and after")
+    header, rows = markdown_table(STUDY, "### Passkey retrieval before and after")
     for row in rows:
         by_length = finetune["passkey"][row[0]]
         assert [numbers(cell)[:2] for cell in row[1:]] == [[by_length[L]["correct"], by_length[L]["trials"]]
@@ -72,14 +90,14 @@ def test_the_fine_tuning_tables_are_what_the_study_wrote():
     temperature = json.loads((ROOT / "docs" / "temperature.json").read_text())
     assert list(temperature) == ["s=2", "s=4"]
     for sweep in temperature.values():
-        header, rows = markdown_table(f"| YaRN s = {sweep['scale']}, attention_factor |")
+        header, rows = markdown_table(STUDY, f"| YaRN s = {sweep['scale']}, attention_factor |")
         assert [float(h) for h in header[1:]] == sweep["attention_factors"]
         assert [[round(p, 2) for p in row] for row in sweep["perplexity"].values()] == \
                [[numbers(cell)[0] for cell in row[1:]] for row in rows]
 
 
-def test_every_test_the_readme_names_exists():
-    named = set(re.findall(r"`(test_\w+)`", README))
+def test_every_test_the_docs_name_exists():
+    named = {name for text in PAGES.values() for name in re.findall(r"`(test_\w+)`", text)}
     defined = {name for path in (ROOT / "tests").glob("test_*.py")
                for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     assert len(named) >= 15 and named <= defined, named - defined

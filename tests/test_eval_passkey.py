@@ -10,6 +10,7 @@ import eval_passkey
 from conftest import byte_tokenizer, one_error_line, run_script, write_hf_llama
 from convert_llama import convert
 from model import Llama
+from checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def answering(tok, offset):
 
 
 def test_right_answers_score_100_and_wrong_answers_0(checkpoint):
-    model, tok = Llama.from_pretrained(checkpoint), byte_tokenizer()
+    model, tok = load_model(checkpoint), byte_tokenizer()
     methods = [("default", None), ("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256})]
     cells = eval_passkey.build_prompts(tok, [300, 400], [0, 0.5, 1], trials=3, seed=7)
     assert cells == eval_passkey.build_prompts(tok, [300, 400], [0, 0.5, 1], trials=3, seed=7)  # seeded

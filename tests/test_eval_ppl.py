@@ -16,6 +16,7 @@ from conftest import ROOT, byte_tokenizer, one_error_line, run_script, sigint_as
 from convert_llama import convert
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
+from checkpoint import load_model
 
 L = 64  # max_position_embeddings of the tiny model
 VOCAB = 258
@@ -54,7 +55,7 @@ def hf_sliding_perplexity(hf, tokens, length, stride):
 @pytest.mark.parametrize("length, stride", [(64, 16), (50, 13), (40, 40), (180, 64)])
 def test_sliding_window_perplexity_matches_transformers(tiny, length, stride):
     hf, ckpt = tiny
-    model = Llama.from_pretrained(ckpt)
+    model = load_model(ckpt)
     gen = torch.Generator().manual_seed(0)
     docs = [("a", torch.randint(0, VOCAB, (203,), generator=gen)), ("b", torch.randint(0, VOCAB, (157,), generator=gen))]
     results = eval_ppl.evaluate(model, docs, [("default", None)], [length], mode="sliding", stride=stride)
@@ -80,7 +81,7 @@ def yarn(rope_type, factor=2.0):
 
 @pytest.mark.parametrize("rope_type", ["default", "linear", "ntk", "yarn", "llama3"])
 def test_truncated_one_pass_equals_separate_passes_for_static_rope(tiny, rope_type):
-    model = Llama.from_pretrained(tiny[1])
+    model = load_model(tiny[1])
     doc = torch.randint(0, VOCAB, (260,), generator=torch.Generator().manual_seed(1))
     lengths = [16, 64, 100, 128, 257]
     scaling = eval_ppl.rope.parse_rope_scaling(yarn(rope_type))
@@ -93,7 +94,7 @@ def test_truncated_one_pass_equals_separate_passes_for_static_rope(tiny, rope_ty
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "dynamic-yarn"])
 def test_truncated_mode_runs_one_pass_per_length_for_dynamic_rope(tiny, rope_type):
-    model = Llama.from_pretrained(tiny[1])
+    model = load_model(tiny[1])
     doc = torch.randint(0, VOCAB, (260,), generator=torch.Generator().manual_seed(2))
     lengths = [100, 160, 257]  # all past L (and past factor·L for dynamic-yarn): each length has its own scale
     with torch.no_grad():  # random weights attend almost uniformly: sharpen attention so the rotation matters

@@ -9,6 +9,8 @@ import rope
 from conftest import tiny_llama, write_hf_llama
 from convert_llama import convert
 from model import KVCache, Llama, LlamaConfig
+from checkpoint import load_model, save_model
+from common import model_flops
 
 L = 64  # original_max_position_embeddings of the tiny models; every test sequence is longer
 HF_VARIANTS = {
@@ -41,7 +43,7 @@ def test_logits_match_transformers(tmp_path, variant, n_kv_heads, tie, legacy_co
     hf = write_hf_llama(tmp_path / "hf", params, n_kv_heads=n_kv_heads, tie=tie, legacy_config=legacy_config,
                         max_position_embeddings=max_position_embeddings(params))
     convert(tmp_path / "hf", tmp_path / "ours")
-    ours = Llama.from_pretrained(tmp_path / "ours")
+    ours = load_model(tmp_path / "ours")
     if variant == "dynamic":  # our config names the original length explicitly (see max_position_embeddings)
         assert ours.config.rope_scaling["original_max_position_embeddings"] == L
     tokens = torch.randint(0, 320, (2, 3 * L + 5), generator=torch.Generator().manual_seed(1))
@@ -59,8 +61,8 @@ def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(tmp_path, variant
     convert(tmp_path / "hf", tmp_path / "ours")
     tokens = torch.randint(0, 320, (2, 3 * L + 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        fp32 = Llama.from_pretrained(tmp_path / "ours")(tokens)
-        ours = Llama.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16)(tokens).float()
+        fp32 = load_model(tmp_path / "ours")(tokens)
+        ours = load_model(tmp_path / "ours", dtype=torch.bfloat16)(tokens).float()
         theirs = hf.to(torch.bfloat16)(tokens).logits.float()
     assert (ours - fp32).abs().max() <= min(1e-2, 1.1 * (theirs - fp32).abs().max())
     assert (ours - theirs).abs().max() <= 1e-2
@@ -95,9 +97,9 @@ def test_flops_count_every_matmul_weight_and_the_causal_attention_pairs():
     with torch.device("meta"):
         weights = sum(p.numel() for p in Llama(cfg).parameters() if p.dim() == 2) - 32000 * 4096  # not the lookup
     T = 65536
-    assert cfg.flops(T) == 2 * weights * T + 4 * 4096 * 32 * T * (T + 1) // 2
-    assert cfg.flops(1, past=T - 1, head_tokens=1) == 2 * weights + 4 * 4096 * 32 * T
-    assert cfg.flops(T, head_tokens=0) == cfg.flops(T) - 2 * 32000 * 4096 * T
+    assert model_flops(cfg, T) == 2 * weights * T + 4 * 4096 * 32 * T * (T + 1) // 2
+    assert model_flops(cfg, 1, past=T - 1, head_tokens=1) == 2 * weights + 4 * 4096 * 32 * T
+    assert model_flops(cfg, T, head_tokens=0) == model_flops(cfg, T) - 2 * 32000 * 4096 * T
 
 
 ALL_VARIANTS = {
@@ -174,23 +176,23 @@ def test_generate_stops_at_eos_and_samples_only_from_the_top_k():
 
 def test_save_and_load_roundtrip_with_rope_override(tmp_path):
     model = tiny_llama(vocab_size=50)
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     tokens = torch.randint(0, 50, (1, 40))
-    loaded = Llama.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert torch.equal(model(tokens), loaded(tokens))
     yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
-    scaled = Llama.from_pretrained(tmp_path, rope_scaling=yarn)
+    scaled = load_model(tmp_path, rope_scaling=yarn)
     assert scaled.config.rope_scaling == rope.parse_rope_scaling(yarn)
     assert not torch.allclose(scaled(tokens), loaded(tokens))
-    assert Llama.from_pretrained(tmp_path, rope_scaling={"rope_type": "default"}).config.rope_scaling is None
-    assert Llama.from_pretrained(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+    assert load_model(tmp_path, rope_scaling={"rope_type": "default"}).config.rope_scaling is None
+    assert load_model(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
         {"config.json": "0o644", "model.safetensors": "0o644"}
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    tiny_llama(vocab_size=50).save_pretrained(tmp_path / "ok")
+    save_model(tiny_llama(vocab_size=50), tmp_path / "ok")
     return tmp_path / "ok"
 
 
@@ -215,24 +217,24 @@ def edit_config(path, **edits):
 def test_a_config_json_that_does_not_fit_is_a_clear_error(checkpoint, edits, message):
     edit_config(checkpoint, **edits)
     with pytest.raises(ValueError) as e:
-        Llama.from_pretrained(checkpoint)
+        load_model(checkpoint)
     assert message in str(e.value) and "config.json" in str(e.value)
 
 
 def test_a_damaged_checkpoint_directory_is_a_clear_error(checkpoint):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-        Llama.from_pretrained(checkpoint.parent / "missing")
+        load_model(checkpoint.parent / "missing")
     raw = (checkpoint / "config.json").read_text()
     (checkpoint / "config.json").write_text(raw[:-10])
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        Llama.from_pretrained(checkpoint)
+        load_model(checkpoint)
     (checkpoint / "config.json").write_text(json.dumps({k: v for k, v in json.loads(raw).items() if k != "dim"}))
     with pytest.raises(ValueError, match="config.json has no 'dim'"):
-        Llama.from_pretrained(checkpoint)
+        load_model(checkpoint)
     (checkpoint / "config.json").write_text(raw)
     data = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        Llama.from_pretrained(checkpoint)
+        load_model(checkpoint)
     with pytest.raises(ValueError, match="factor must be >= 1"):
-        Llama.from_pretrained(checkpoint, rope_scaling={"rope_type": "linear", "factor": 0.5})
+        load_model(checkpoint, rope_scaling={"rope_type": "linear", "factor": 0.5})

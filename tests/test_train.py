@@ -20,6 +20,7 @@ from conftest import ROOT, one_error_line, sigint_as_ctrl_c, snapshot, tiny_llam
 from model import Llama
 from tokenizer import Tokenizer
 from train import Sequences, check_args, get_args, lr_at, tokenize
+from checkpoint import load_model, save_model
 
 L = 64  # the tiny model's trained context; --scale 2 trains it on sequences of 128 tokens
 
@@ -29,7 +30,7 @@ def setup(tmp_path_factory):
     """A tiny checkpoint with SmolLM2's tokenizer, one book, and the flags every run here shares."""
     root = tmp_path_factory.mktemp("train")
     tokenizer = Tokenizer.from_pretrained(assets.smollm2_gguf())
-    tiny_llama(vocab_size=49152, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id).save_pretrained(
+    save_model(tiny_llama(vocab_size=49152, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id), 
         root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     book = assets.ensure_books(ROOT / "data" / "books")[0]
@@ -69,7 +70,7 @@ def test_torchrun_fsdp2_loss_falls_and_the_output_loads_with_its_yarn_config(set
     root, _ = setup
     losses = [r["loss"] for r in log(straight)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
-    model = Llama.from_pretrained(straight / "final")
+    model = load_model(straight / "final")
     assert model.config.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": L,
                                          "finetuned": True}
     assert model.config.max_position_embeddings == 2 * L
@@ -151,7 +152,7 @@ def test_hf_export_gives_the_same_logits_in_transformers(straight):
     config = json.loads((straight / "hf" / "config.json").read_text())
     assert config["rope_scaling"] == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": L}
     assert config["max_position_embeddings"] == 2 * L and config["tie_word_embeddings"]
-    ours = Llama.from_pretrained(straight / "final")
+    ours = load_model(straight / "final")
     tokens = torch.randint(0, 49152, (2, 2 * L), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() <= 1e-4

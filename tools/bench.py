@@ -20,7 +20,7 @@ Each case of each side runs in its own fresh process, so that its peak memory is
 CPU (absolute: weights, inputs, framework and compute together, nothing subtracted), torch.cuda.max_memory_allocated
 on CUDA. Each process does one warm-up run (full size up to 4096 tokens), then the timed runs, ours and HF's
 alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs
-(LlamaConfig.flops) per second over the best of several 2048x2048 matmuls of the compute dtype on the same machine.
+(common.model_flops) per second over the best of several 2048x2048 matmuls of the compute dtype on the same machine.
 The HF side loads the GGUF once (transformers needs the `gguf` package for that) and saves it as an HF directory for
 its processes; without transformers installed, or with --no-hf, only our side runs.
 """
@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from tools import assets
-from common import (DEFAULT_CHECKPOINT, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
+from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
                     peak_memory, write_json)
-from model import Llama, LlamaConfig
+from model import Llama
+from checkpoint import load_config, load_model
 
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
 QUICK = {"score": [1024], "train": [512], "decode": [256, 16]}
@@ -51,12 +52,12 @@ WARMUP_MAX = 4096
 def load(side, path, mode, device, train, rope_scaling=None):
     dtype = torch.bfloat16 if mode == "bfloat16" and not train else torch.float32
     if side == "ours":
-        model = Llama.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype, device=device)
+        model = load_model(path, rope_scaling=rope_scaling, dtype=dtype, device=device)
         if train and mode == "bfloat16":  # train.py's way: bf16 compute, fp32 master weights and gradient reduction
             import torch.distributed as dist
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            from train import shard
+            from common import shard
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), compile=False)
         return model
@@ -223,13 +224,13 @@ def measure(jobs, repeats):
 def summarize(case, tokens, new_tokens, timing, cfg, peak):
     """tokens/s and MFU from the median timings of one side."""
     if case == "decode":
-        step_flops = cfg.flops(1, past=tokens + new_tokens // 2, head_tokens=1)  # the average context of a step
+        step_flops = model_flops(cfg, 1, past=tokens + new_tokens // 2, head_tokens=1)  # the average context of a step
         return {"prefill_s": timing["prefill_s"], "prefill_tokens_per_s": tokens / timing["prefill_s"],
-                "prefill_mfu": cfg.flops(tokens, head_tokens=1) / timing["prefill_s"] / peak,
+                "prefill_mfu": model_flops(cfg, tokens, head_tokens=1) / timing["prefill_s"] / peak,
                 "decode_tokens_per_s": 1 / timing["decode_s_per_token"],
                 "decode_mfu": step_flops / timing["decode_s_per_token"] / peak,
                 "peak_memory_bytes": timing["peak_memory_bytes"], "runs": timing["runs"]}
-    flops = cfg.flops(tokens) * (3 if case == "train" else 1)
+    flops = model_flops(cfg, tokens) * (3 if case == "train" else 1)
     return {"seconds": timing["seconds"], "tokens_per_s": tokens / timing["seconds"],
             "mfu": flops / timing["seconds"] / peak, "peak_memory_bytes": timing["peak_memory_bytes"],
             "runs": timing["runs"]}
@@ -362,7 +363,7 @@ def compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine):
     """Every case of `cases` in every mode, ours and HF's; prints the table and writes --out."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "autocast": torch.bfloat16}
     peaks = {mode: matmul_peak(dtypes[mode], device) for mode in modes}
-    print(f"FLOPs: {' '.join(LlamaConfig.flops.__doc__.split())}")
+    print(f"FLOPs: {' '.join(model_flops.__doc__.split())}")
     print(f"peak memory: {'max_memory_allocated' if device.type == 'cuda' else 'absolute peak RSS of the process'} "
           f"(one fresh process per case, mode and side); figures are medians of {repeats} run(s) after a warm-up")
 
@@ -396,7 +397,7 @@ def compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine):
     print(table(results, modes, hf))
     if args.out:
         write_json(args.out, {"machine": machine, "repeats": repeats, "matmul_peak_flops": peaks,
-                              "flops_formula": " ".join(LlamaConfig.flops.__doc__.split()),
+                              "flops_formula": " ".join(model_flops.__doc__.split()),
                               "peak_memory": "max_memory_allocated" if device.type == "cuda"
                               else "peak RSS of the process", "results": results})
 
@@ -416,7 +417,7 @@ def main(argv=None):
     if args.checkpoint == DEFAULT_CHECKPOINT:
         from convert_llama import default_checkpoint
         default_checkpoint()
-    cfg = LlamaConfig.from_checkpoint(checkpoint)
+    cfg = load_config(checkpoint)
     hf = not args.no_hf
     if hf:
         try:
