@@ -89,6 +89,21 @@ def save_weights(state, path, metadata):
         raise OSError(f"cannot write {path}: {e}") from None
 
 
+def weights_dtype(path):
+    """The dtype a checkpoint folder's weights are stored in (a fine-tune is saved back in it)."""
+    from safetensors import safe_open
+
+    with safe_open(Path(path) / "model.safetensors", "pt") as f:
+        return f.get_slice(next(iter(f.keys())))[:1].dtype
+
+
+def copy_tokenizer(src, out):
+    """Copy the tokenizer files of checkpoint folder src (every file but the config, the weights and hidden ones)."""
+    for f in Path(src).iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith("."):
+            shutil.copy2(f, Path(out) / f.name)
+
+
 def load_config(path, **overrides):
     """The LlamaConfig of a checkpoint folder. Keys it does not know are errors (a misspelt key would otherwise
     be ignored), and so are values of the wrong type or range; overrides replace fields after the checks."""
@@ -281,3 +296,23 @@ def start_log(out_dir, start):
             if record["step"] <= start:
                 kept.append(line + "\n")
     write_atomic(out_dir / "log.jsonl", lambda path: path.write_text("".join(kept)))
+
+
+def resume(out_dir, model, optimizer, data_key):
+    """Load the run's latest checkpoint into the sharded model and optimizer; the data must be what it was."""
+    meta = load_checkpoint(out_dir / (out_dir / "latest").read_text().strip(), model, optimizer)
+    if meta["data"] != data_key:
+        raise ValueError(f"the data changed since {out_dir} was checkpointed (its files, sizes or mtimes differ): "
+                         "resume with the same --data, or start a new run")
+
+
+def open_run_folder(out_dir, args, start):
+    """On rank 0, once everything has loaded: --overwrite replaces the folder, leftovers of a killed checkpoint
+    write go, run.json records the settings and log.jsonl keeps the lines up to the step resumed from."""
+    if args.overwrite:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    write_json(out_dir / "run.json", run_settings(args))
+    start_log(out_dir, start)

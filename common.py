@@ -1,5 +1,6 @@
-"""Helpers the scripts share and that know nothing of RoPE or the model: atomic writes, reading documents, the
-command line (one-line errors, checked numbers), the compute dtype, and measurements of the machine."""
+"""What the scripts share: files written atomically, reading documents, the command line (one-line errors, checked
+numbers), the compute dtype and why it was chosen, measurements of the machine (model FLOPs, the matmul peak, peak
+memory), FSDP2 sharding, and the evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
 import argparse
 import json
 import math
@@ -215,9 +216,25 @@ def native_bf16():
 
 def compute_dtype(name, device):
     """--dtype: float32, bfloat16, or auto (bfloat16 on CUDA and on CPUs with native bf16, else float32)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else torch.float32
-    return DTYPES[name]
+    return dtype_choice(name, device)[0]
+
+
+def dtype_reason(name, device):
+    """compute_dtype's choice and why, the line a script prints when it starts: "float32 (--dtype auto: ...)"."""
+    dtype, why = dtype_choice(name, device)
+    return f"{str(dtype).removeprefix('torch.')} ({why})"
+
+
+def dtype_choice(name, device):
+    """(dtype, why): the one place --dtype is decided, so that what is printed is what is computed."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16, "--dtype auto: CUDA"
+    if native_bf16():
+        return torch.bfloat16, "--dtype auto: this CPU computes bf16 natively, AVX512-BF16/AMX"
+    # without those instructions bf16 matmuls are converted to fp32 and back: slower than fp32 itself
+    return torch.float32, "--dtype auto: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is emulated and slow"
 
 
 def add_dtype_arg(parser):
@@ -282,3 +299,149 @@ def shard(model, mp_policy, compile):
     fully_shard(model, mp_policy=mp_policy)
     register_fsdp_forward_method(model, "nll")  # model.nll, not model(), is what training calls
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # nll's output is only summed
+
+
+# -------------------------------------------------------- the evaluations' command line (eval_ppl.py, eval_passkey.py)
+# What both evaluations share around their method: the model and RoPE arguments, loading what is evaluated, the output
+# files, and a progress bar driven from outside the method. rope, checkpoint, tokenizer and convert_llama are imported
+# inside the functions: checkpoint.py imports this module at its top, and the other scripts need none of them.
+
+def add_model_args(parser, rope_default):
+    """--checkpoint, --rope, --scale, --original-max-position-embeddings, --dtype."""
+    import rope
+
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                        help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}: SmolLM2-135M, converted on first "
+                             "use)")
+    parser.add_argument("--rope", nargs="+", default=rope_default, metavar="ROPE",
+                        help="configurations to compare: checkpoint (the checkpoint's own scaling), a rope_type "
+                             f"({', '.join(rope.TYPES)}; default = plain RoPE) or a JSON dict "
+                             f"(default: {' '.join(rope_default)})")
+    parser.add_argument("--scale", "--factor", type=number(float, min=1), default=2.0, dest="scale",
+                        help="s, the factor of the named rope types, as train.py's --scale (default 2)")
+    parser.add_argument("--original-max-position-embeddings", type=number(int, min=1), metavar="L",
+                        help="pre-training context L for named rope types (default: the checkpoint's)")
+    add_dtype_arg(parser)
+
+
+def parse_rope_args(specs):
+    """[(label, dict or name)] from --rope, checking syntax only (before anything heavy is loaded). A dict's label is
+    its rope_type (normalized: "type" or "rope_type", aliases resolved) and its other keys."""
+    import rope
+
+    parsed = []
+    for spec in specs:
+        if spec == "checkpoint" or spec in rope.TYPES:
+            parsed.append((spec, spec))
+            continue
+        rope_type, d = rope_json(spec)
+        extras = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("rope_type", "type"))
+        parsed.append((f"{rope_type}({extras})" if extras else rope_type, d))
+    labels = [label for label, _ in parsed]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--rope lists the same configuration twice ({' '.join(labels)})")
+    return parsed
+
+
+def rope_json(spec):
+    """(rope_type, dict) of a --rope that is not a name: a JSON object whose rope_type rope.py knows."""
+    import rope
+
+    if not spec.lstrip().startswith("{"):
+        raise ValueError(f"--rope {spec!r} is neither checkpoint, a rope_type ({', '.join(rope.TYPES)}) nor a "
+                         "JSON dict")
+    try:
+        d = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--rope {spec!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--rope {spec!r} must be a JSON object like '{{\"rope_type\": \"yarn\", \"factor\": 4}}'")
+    try:
+        return rope.rope_type_of(d), d
+    except ValueError as e:
+        raise ValueError(f"--rope {spec!r}: {e}") from None
+
+
+def rope_methods(parsed, scale, original_max_position_embeddings, config):
+    """[(label, checked rope_scaling, None for plain RoPE)] for the model's config: a named rope_type, or a dict that
+    does not say them, gets --scale as its factor and L (--original-max-position-embeddings, else the model's)."""
+    import rope
+
+    L = original_max_position_embeddings or config.original_max_position_embeddings
+    methods = []
+    for label, spec in parsed:
+        if spec == "checkpoint":
+            methods.append((label, config.rope_scaling))
+            continue
+        d = {"rope_type": spec} if isinstance(spec, str) else spec
+        try:
+            if rope.rope_type_of(d) != "default":
+                d = {"factor": scale, "original_max_position_embeddings": L, **d}
+            methods.append((label, rope.parse_rope_scaling(d)))
+        except ValueError as e:
+            raise ValueError(f"--rope {label}: {e}") from None
+    return methods
+
+
+def load_evaluated(args, parsed_rope):
+    """The checkpoint (SmolLM2 converted when the default is missing) in --dtype, its tokenizer, the methods."""
+    from checkpoint import load_model
+    from tokenizer import Tokenizer
+
+    if args.checkpoint == DEFAULT_CHECKPOINT:
+        from convert_llama import default_checkpoint
+        default_checkpoint()
+    device = default_device()
+    model = load_model(args.checkpoint, dtype=compute_dtype(args.dtype, device), device=device)
+    tok = Tokenizer.from_pretrained(args.checkpoint)
+    tok.check_fits(model.config.vocab_size, args.checkpoint)
+    return model, tok, rope_methods(parsed_rope, args.scale, args.original_max_position_embeddings, model.config)
+
+
+def check_outputs(args):
+    """--out and --plot, checked before the hours of work that end in them."""
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.plot:
+        check_output_file(args.plot, "--plot", plot_suffixes())
+
+
+def save_plot(fig, path):
+    """A matplotlib figure to path (its format from the extension), atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=120))
+
+
+class LayerProgress:
+    """`with LayerProgress(model, passes) as bar:` a tqdm bar on stderr counting the transformer blocks run inside the
+    `with`, passes x n_layers in all, so that it moves within a forward pass (a bar of whole passes sat at 0 for
+    minutes of a 16k-token pass on a slow CPU). Forward hooks on model.layers drive it, so the method's functions know
+    nothing of it; they are removed on exit. Its description says what runs: "yarn s=2: 16,384 tokens"."""
+
+    def __init__(self, model, passes):
+        self.model, self.total = model, passes * len(model.layers)
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        # miniters=1: by default tqdm learns to skip refreshes during fast steps (decoding one token) and then sits
+        # still through slow ones (a long prefill); refreshes stay limited to 10 per second by its mininterval
+        self.bar = tqdm(total=self.total, unit="layer", miniters=1, dynamic_ncols=True)
+        layers = self.model.layers
+        self.hooks = [block.register_forward_hook(self.count) for block in layers]
+        self.hooks.append(layers[0].register_forward_pre_hook(self.describe))
+        return self.bar
+
+    def count(self, block, args, output):
+        self.bar.update()  # and return None: what a forward hook returns replaces the block's output
+
+    def describe(self, block, args):
+        tokens = args[0].size(1)  # the block's input x [B, T, dim]
+        if tokens > 1:  # a pass over a sequence, not one decoded token
+            scaling = self.model.config.rope_scaling or {"rope_type": "default"}
+            factor = f" s={scaling['factor']:g}" if "factor" in scaling else ""
+            self.bar.set_description(f"{scaling['rope_type']}{factor}: {tokens:,} tokens")
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.bar.close()

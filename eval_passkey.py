@@ -23,10 +23,9 @@ import re
 import time
 
 import torch
-from tqdm import tqdm
 
-from common import ArgumentParser, cli, number, peak_memory, write_json
-from eval_ppl import add_model_args, check_outputs, load_evaluated, parse_rope_args, save_plot
+from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device, dtype_reason,
+                    load_evaluated, number, parse_rope_args, peak_memory, save_plot, write_json)
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -81,19 +80,20 @@ def evaluate(model, tok, methods, cells, dynamic_cache="pre-rope"):
     """{label: {length: {depth: [{"key", "tokens", "answer", "correct", "seconds"} per trial]}}} over the prompts
     of cells."""
     results = {}
-    with tqdm(total=len(methods) * sum(map(len, cells.values())), desc="passkey trials", unit="trial") as bar:
-        for label, scaling in methods:
-            model.set_rope_scaling(scaling)
-            results[label] = {}
-            for (L, d), cell in cells.items():
-                trials = results[label].setdefault(L, {}).setdefault(d, [])
-                for key, ids in cell:
-                    start = time.perf_counter()
-                    correct, answer = retrieve(model, tok, ids, key, dynamic_cache)
-                    trials.append({"key": key, "tokens": len(ids), "answer": answer, "correct": correct,
-                                   "seconds": time.perf_counter() - start})
-                    bar.update()
+    for label, scaling in methods:
+        model.set_rope_scaling(scaling)
+        results[label] = {}
+        for (L, d), cell in cells.items():
+            trials = results[label].setdefault(L, {}).setdefault(d, [])
+            for key, ids in cell:
+                start = time.perf_counter()
+                correct, answer = retrieve(model, tok, ids, key, dynamic_cache)
+                trials.append({"key": key, "tokens": len(ids), "answer": answer, "correct": correct,
+                               "seconds": time.perf_counter() - start})
     return results
+
+
+# ----------------------------------------------------------------------------- output and the command line
 
 
 def accuracy(trials):
@@ -116,8 +116,8 @@ def plot(results, lengths, depths, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(1.2 + 0.8 * len(depths) * len(results), 0.5 * len(lengths) + 1.8),
-                             squeeze=False)
+    size = (1.2 + 0.8 * len(depths) * len(results), 0.5 * len(lengths) + 1.8)
+    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False)
     for ax, (label, by_length) in zip(axes[0], results.items()):
         grid = [[100 * accuracy(by_length[L][d]) for d in depths] for L in lengths]
         ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
@@ -132,7 +132,24 @@ def plot(results, lengths, depths, path):
     save_plot(fig, path)
 
 
-def main(argv=None):
+def forward_passes(methods, cells):
+    """The forward passes evaluate() runs (the progress bar's size): generate() runs every block once per new token,
+    the first being the prompt's prefill, and no EOS stops it early."""
+    return len(methods) * sum(map(len, cells.values())) * MAX_NEW_TOKENS
+
+
+def write_report(path, args, model, methods, results, lengths, depths, wall, peak):
+    report = {"settings": {**vars(args), "lengths": lengths, "depths": depths, "rope_scaling": dict(methods),
+                           "max_new_tokens": MAX_NEW_TOKENS, "bos": False,
+                           "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+                           "max_position_embeddings": model.config.max_position_embeddings},
+              "accuracy": {label: {L: {d: accuracy(r[L][d]) for d in depths} for L in lengths}
+                           for label, r in results.items()},
+              "trials": results, "wall_seconds": wall, "peak_memory_bytes": peak}
+    write_json(path, report)
+
+
+def parse_args(argv):
     parser = ArgumentParser(__file__, __doc__)
     add_model_args(parser, rope_default=["default", "yarn"])
     parser.add_argument("--lengths", type=number(int, min=1), nargs="+", default=[2048, 4096, 8192], metavar="L",
@@ -147,31 +164,30 @@ def main(argv=None):
                              "paper's, default), or recompute the whole sequence whenever the rotation changes")
     parser.add_argument("--out", help="write every trial (key, prompt tokens, answer) and the settings to this JSON")
     parser.add_argument("--plot", help="write the accuracy heatmaps (one per method) to this image (.png, .pdf, ...)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
     parsed_rope = parse_rope_args(args.rope)
     check_outputs(args)
+    print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
     start = time.time()
     model, tok, methods = load_evaluated(args, parsed_rope)
     cells = build_prompts(tok, lengths, depths, args.trials, args.seed)
     for label, scaling in methods:
-        print(f"{label}: rope_scaling = {json.dumps(scaling)}")
+        print(f"{label}: rope_scaling = {json.dumps(scaling)}", flush=True)
 
-    results = evaluate(model, tok, methods, cells, args.dynamic_cache)
+    with LayerProgress(model, forward_passes(methods, cells)):
+        results = evaluate(model, tok, methods, cells, args.dynamic_cache)
     device = model.tok_embeddings.weight.device
     wall, peak = time.time() - start, peak_memory(device)
     print(table(results, lengths, depths))
     print(f"{args.trials} trial(s) per cell, wall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
           f"({'CUDA allocated' if device.type == 'cuda' else 'peak RSS'})")
     if args.out:
-        report = {"settings": {**vars(args), "lengths": lengths, "depths": depths, "rope_scaling": dict(methods),
-                               "max_new_tokens": MAX_NEW_TOKENS, "bos": False,
-                               "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-                               "max_position_embeddings": model.config.max_position_embeddings},
-                  "accuracy": {label: {L: {d: accuracy(r[L][d]) for d in depths} for L in lengths}
-                               for label, r in results.items()},
-                  "trials": results, "wall_seconds": wall, "peak_memory_bytes": peak}
-        write_json(args.out, report)
+        write_report(args.out, args, model, methods, results, lengths, depths, wall, peak)
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, depths, args.plot)

@@ -28,7 +28,8 @@ and original length filled in the same way). The model is loaded once; each conf
 dynamic-yarn scales by max(factor, l/L), factor being the scale the model was fine-tuned with: for a model that
 never was, use '{"rope_type": "dynamic-yarn", "factor": 1}' (with factor 2 it equals yarn up to 2L).
 Data: .txt files (one document each), .jsonl files (one document per line, its "text" field), folders of them
-(searched recursively); documents are taken in the order given. Default: the public-domain books of assets.py.
+(searched recursively); documents are taken in the order given. Default: alice29 and asyoulik, the two books of
+tools/assets.py that train.py does not fine-tune on.
 """
 import json
 import math
@@ -36,121 +37,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import rope
-from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_output_file, cli, compute_dtype,
-                    default_device, document_files, number, peak_memory, plot_suffixes, read_documents, write_atomic,
-                    write_json)
-from model import Llama
-from tokenizer import Tokenizer
-from checkpoint import load_model
+from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device,
+                    document_files, dtype_reason, load_evaluated, number, parse_rope_args, peak_memory, read_documents,
+                    save_plot, write_json)
 
-# ----------------------------------------------------------------------------- model and RoPE configurations
-
-
-def add_model_args(parser, rope_default):
-    """--checkpoint, --rope, --scale, --original-max-position-embeddings, --dtype (shared with eval_passkey.py)."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}: SmolLM2-135M, converted on first "
-                             "use)")
-    parser.add_argument("--rope", nargs="+", default=rope_default, metavar="ROPE",
-                        help="configurations to compare: checkpoint (the checkpoint's own scaling), a rope_type "
-                             f"({', '.join(rope.TYPES)}; default = plain RoPE) or a JSON dict "
-                             f"(default: {' '.join(rope_default)})")
-    parser.add_argument("--scale", "--factor", type=number(float, min=1), default=2.0, dest="scale",
-                        help="s, the factor of the named rope types, as train.py's --scale (default 2)")
-    parser.add_argument("--original-max-position-embeddings", type=number(int, min=1), metavar="L",
-                        help="pre-training context L for named rope types (default: the checkpoint's)")
-    add_dtype_arg(parser)
-
-
-def parse_rope_args(specs):
-    """[(label, dict or name)] from --rope, checking syntax only (before anything heavy is loaded)."""
-    parsed = []
-    for spec in specs:
-        if spec == "checkpoint" or spec in rope.TYPES:
-            parsed.append((spec, spec))
-            continue
-        if not spec.lstrip().startswith("{"):
-            raise ValueError(f"--rope {spec!r} is neither checkpoint, a rope_type ({', '.join(rope.TYPES)}) nor a "
-                             "JSON dict")
-        try:
-            d = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--rope {spec!r} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"--rope {spec!r} must be a JSON object like '{{\"rope_type\": \"yarn\", \"factor\": 4}}'")
-        rope_type = d.get("rope_type") or d.get("type") or "default"
-        extras = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("rope_type", "type"))
-        parsed.append((f"{rope_type}({extras})" if extras else str(rope_type), d))
-    labels = [label for label, _ in parsed]
-    if len(set(labels)) < len(labels):
-        raise ValueError(f"--rope lists the same configuration twice ({' '.join(labels)})")
-    return parsed
-
-
-def rope_methods(parsed, scale, original_max_position_embeddings, config):
-    """[(label, parsed rope_scaling or None)] for the model's config."""
-    L = original_max_position_embeddings or config.original_max_position_embeddings
-    methods = []
-    for label, spec in parsed:
-        if spec == "checkpoint":
-            methods.append((label, config.rope_scaling))
-            continue
-        d = {"rope_type": spec} if isinstance(spec, str) else spec
-        if d.get("rope_type", d.get("type")) not in (None, "default"):
-            d = {"factor": scale, "original_max_position_embeddings": L, **d}
-        try:
-            methods.append((label, rope.parse_rope_scaling(d)))
-        except ValueError as e:
-            raise ValueError(f"--rope {label}: {e}") from None
-    return methods
-
-
-def load_evaluated(args, parsed_rope):
-    """The checkpoint (SmolLM2 converted when the default is missing), its tokenizer, the methods to compare."""
-    if args.checkpoint == DEFAULT_CHECKPOINT:
-        from convert_llama import default_checkpoint
-        default_checkpoint()
-    device = default_device()
-    model = load_model(args.checkpoint, dtype=compute_dtype(args.dtype, device), device=device)
-    tok = Tokenizer.from_pretrained(args.checkpoint)
-    tok.check_fits(model.config.vocab_size, args.checkpoint)
-    return model, tok, rope_methods(parsed_rope, args.scale, args.original_max_position_embeddings, model.config)
-
-
-def check_outputs(args):
-    """--out and --plot, checked before the hours of work that end in them."""
-    if args.out:
-        check_output_file(args.out, "--out")
-    if args.plot:
-        check_output_file(args.plot, "--plot", plot_suffixes())
-
-
-def save_plot(fig, path):
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=120))
-
-
-# ----------------------------------------------------------------------------- documents and the two protocols
-
-
-def tokenize(texts, tok, min_tokens, max_docs, device):
-    """[(name, tokens LongTensor [N])] of the first max_docs documents with at least min_tokens tokens."""
-    docs, longest = [], 0
-    for name, text in texts:
-        ids = tok.encode(text)
-        longest = max(longest, len(ids))
-        if len(ids) >= min_tokens:
-            docs.append((name, torch.tensor(ids, device=device)))
-            if len(docs) == max_docs:
-                break
-    if not docs:
-        raise ValueError(f"no document has at least {min_tokens} tokens (the longest has {longest}): "
-                         f"lower --lengths / --min-tokens or give longer --data")
-    return docs
-
-
+# ----------------------------------------------------------------------------- the method: the two protocols
 
 
 def token_nll(model, x):
@@ -176,52 +69,38 @@ def windows(n, length, stride):
     return out
 
 
-def sliding_nll(model, doc, length, stride, bar=None):
+def sliding_nll(model, doc, length, stride):
     """(total nll, number of scored tokens) of a document with Press et al.'s sliding window."""
     total, count = 0.0, 0
     for start, end, first in windows(len(doc), length, stride):
         # token_nll's entry j is the loss of token start + 1 + j, so targets first..end-1 start at first - start - 1
         nll = token_nll(model, doc[start:end])[first - start - 1:]
         total, count = total + nll.double().sum().item(), count + nll.numel()
-        if bar is not None:
-            bar.update()
     return total, count
 
 
-def truncated_nll(model, doc, lengths, bar=None):
+def truncated_nll(model, doc, lengths):
     """{length: (total nll, W - 1)} of the document cut to each length: one pass over max(lengths) tokens for a
     static variant (prefix sums of the per-token losses), one pass per length for a dynamic one."""
     if rope.is_dynamic(model.config.rope_scaling) and len(lengths) > 1:
-        return {W: truncated_nll(model, doc, [W], bar)[W] for W in lengths}
+        return {W: truncated_nll(model, doc, [W])[W] for W in lengths}
     cumsum = token_nll(model, doc[:max(lengths)]).double().cumsum(0)
-    if bar is not None:
-        bar.update()
     return {W: (cumsum[W - 2].item(), W - 1) for W in lengths}  # the first W tokens score targets 1..W-1
-
-
-def n_passes(doc, lengths, mode, stride, dynamic):
-    fits = [W for W in lengths if W <= len(doc)]
-    if mode == "sliding":
-        return sum(len(windows(len(doc), W, stride)) for W in fits)
-    return len(fits) if dynamic else min(len(fits), 1)
 
 
 def evaluate(model, docs, methods, lengths, mode="truncated", stride=256):
     """{label: {length: [(total nll, scored tokens) per document, None where it is shorter than length]}}."""
-    total = sum(n_passes(doc, lengths, mode, stride, rope.is_dynamic(scaling)) for _, scaling in methods
-                for _, doc in docs)
     results = {}
-    with tqdm(total=total, desc="forward passes", unit="pass") as bar:
-        for label, scaling in methods:
-            model.set_rope_scaling(scaling)
-            per_doc = []
-            for _, doc in docs:
-                fits = [W for W in lengths if W <= len(doc)]
-                if mode == "sliding":
-                    per_doc.append({W: sliding_nll(model, doc, W, stride, bar) for W in fits})
-                else:
-                    per_doc.append(truncated_nll(model, doc, fits, bar) if fits else {})
-            results[label] = {W: [d.get(W) for d in per_doc] for W in lengths}
+    for label, scaling in methods:
+        model.set_rope_scaling(scaling)
+        per_doc = []
+        for _, doc in docs:
+            fits = [W for W in lengths if W <= len(doc)]
+            if mode == "sliding":
+                per_doc.append({W: sliding_nll(model, doc, W, stride) for W in fits})
+            else:
+                per_doc.append(truncated_nll(model, doc, fits) if fits else {})
+        results[label] = {W: [d.get(W) for d in per_doc] for W in lengths}
     return results
 
 
@@ -231,7 +110,41 @@ def perplexity(pairs):
     return math.exp(sum(t for t, _ in pairs) / sum(c for _, c in pairs))
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- documents, and the passes they take
+
+
+def tokenize(texts, tok, min_tokens, max_docs, device):
+    """[(name, tokens LongTensor [N])] of the first max_docs documents with at least min_tokens tokens."""
+    docs, longest = [], 0
+    for name, text in texts:
+        ids = tok.encode(text)
+        longest = max(longest, len(ids))
+        if len(ids) >= min_tokens:
+            docs.append((name, torch.tensor(ids, device=device)))
+            if len(docs) == max_docs:
+                break
+    if not docs:
+        raise ValueError(f"no document has at least {min_tokens} tokens (the longest has {longest}): "
+                         f"lower --lengths / --min-tokens or give longer --data")
+    return docs
+
+
+def forward_passes(docs, methods, lengths, mode, stride):
+    """The number of forward passes evaluate() runs (the progress bar's size): a pass per window of windows() in
+    sliding mode; in truncated mode one per document for a static variant, one per length that fits for a dynamic
+    one (truncated_nll)."""
+    total = 0
+    for _, scaling in methods:
+        for _, doc in docs:
+            fits = [W for W in lengths if W <= len(doc)]
+            if mode == "sliding":
+                total += sum(len(windows(len(doc), W, stride)) for W in fits)
+            else:
+                total += len(fits) if rope.is_dynamic(scaling) else min(len(fits), 1)
+    return total
+
+
+# ----------------------------------------------------------------------------- output and the command line
 
 
 def table(results, lengths, title):
@@ -279,11 +192,30 @@ def report(args, model, docs, methods, lengths, results, wall):
     }
 
 
-def main(argv=None):
+def write_outputs(args, model, docs, methods, lengths, results, wall):
+    """The table on stdout, then --out and --plot."""
+    out = report(args, model, docs, methods, lengths, results, wall)
+    what = "truncated: one window per document and length" if args.mode == "truncated" else \
+        f"sliding window, stride {args.stride}"
+    title = f"{Path(args.checkpoint).name} ({out['settings']['dtype']}), {len(docs)} document(s), {what}"
+    print(table(results, lengths, f"perplexity (token-weighted mean), {title}"))
+    print(f"wall time {out['wall_seconds']:.0f} s, peak memory {out['peak_memory_bytes'] / 2**30:.2f} GiB "
+          f"({out['peak_memory_kind']})")
+    if args.out:
+        write_json(args.out, out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, lengths, model.config.max_position_embeddings, title, args.plot)
+        print(f"wrote {args.plot}")
+
+
+
+def parse_args(argv):
     parser = ArgumentParser(__file__, __doc__)
     add_model_args(parser, rope_default=["default", "linear", "yarn"])
     parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help=".txt / .jsonl files or folders of them (default: the books of assets.py)")
+                        help=".txt / .jsonl files or folders of them (default: alice29 and asyoulik of tools/assets.py, "
+                             "held out from train.py's default data)")
     parser.add_argument("--mode", choices=["truncated", "sliding"], default="truncated",
                         help="truncated: one window per document, cut to each length (the paper's tables, default); "
                              "sliding: Press et al.'s sliding window with --stride")
@@ -298,41 +230,35 @@ def main(argv=None):
     parser.add_argument("--out", help="write every number (per document too) and the settings to this JSON file")
     parser.add_argument("--plot", help="write perplexity against length, one line per method, to this image "
                                        "(.png, .pdf, .svg, ...)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     lengths = sorted(set(args.lengths))
     if args.mode == "sliding" and args.stride > lengths[0]:
         raise ValueError(f"--stride ({args.stride}) must not exceed the smallest length ({lengths[0]})")
-    min_tokens = args.min_tokens or lengths[-1]
     parsed_rope = parse_rope_args(args.rope)
     check_outputs(args)
+    print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
     start = time.time()
     if args.data is None:
         from tools import assets
-        args.data = [str(p) for p in assets.ensure_books()]
+        assets.ensure_books()
+        args.data = assets.HELD_OUT_BOOKS
     texts = list(read_documents(document_files(args.data)))
     model, tok, methods = load_evaluated(args, parsed_rope)
-    docs = tokenize(texts, tok, min_tokens, args.max_docs, model.tok_embeddings.weight.device)
+    docs = tokenize(texts, tok, args.min_tokens or lengths[-1], args.max_docs, model.tok_embeddings.weight.device)
     if lengths[-1] > max(len(doc) for _, doc in docs):
         raise ValueError(f"no document has {lengths[-1]} tokens (--lengths); the longest has "
                          f"{max(len(doc) for _, doc in docs)}")
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}")
-    print(f"{len(docs)} document(s): " + ", ".join(f"{name} ({len(doc)} tokens)" for name, doc in docs))
+    print(f"{len(docs)} document(s): " + ", ".join(f"{name} ({len(doc)} tokens)" for name, doc in docs), flush=True)
 
-    results = evaluate(model, docs, methods, lengths, args.mode, args.stride)
-    out = report(args, model, docs, methods, lengths, results, time.time() - start)
-    what = "truncated: one window per document and length" if args.mode == "truncated" else \
-        f"sliding window, stride {args.stride}"
-    title = f"{Path(args.checkpoint).name} ({out['settings']['dtype']}), {len(docs)} document(s), {what}"
-    print(table(results, lengths, f"perplexity (token-weighted mean), {title}"))
-    print(f"wall time {out['wall_seconds']:.0f} s, peak memory {out['peak_memory_bytes'] / 2**30:.2f} GiB "
-          f"({out['peak_memory_kind']})")
-    if args.out:
-        write_json(args.out, out)
-        print(f"wrote {args.out}")
-    if args.plot:
-        plot(results, lengths, model.config.max_position_embeddings, title, args.plot)
-        print(f"wrote {args.plot}")
+    with LayerProgress(model, forward_passes(docs, methods, lengths, args.mode, args.stride)):
+        results = evaluate(model, docs, methods, lengths, args.mode, args.stride)
+    write_outputs(args, model, docs, methods, lengths, results, time.time() - start)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The paper extended Llama 2 7B and 13B from 4k to 64k tokens (YaRN s = 16) by fin
 64k-token sequences, each document bookended by BOS and EOS: global batch 64, AdamW β = (0.9, 0.95), lr 2e-5 after
 20 linear warm-up steps, no weight decay, PyTorch FSDP and FlashAttention 2. Those are this script's defaults (the lr
 then stays constant, as the paper says; its reference code decayed it linearly by default: --lr-schedule linear).
-The recipe is `scaled_config` (what changes in the model) and `train_steps` (the loop); the rest is machinery. The
+The recipe is `scaled_config` (what changes in the model) and `train_step` (one optimizer step); the rest is
+machinery: the data (`Sequences`), the sharded model (`build_model`), the run folder and its checkpoints
+(checkpoint.py). The
 same code runs as `python train.py` (one process, CPU or one GPU), under `torchrun` on one node, and on many.
 
     # The paper's runs, as its reference run script made them (docs/method.md, "The recipe"):
@@ -19,7 +21,7 @@ same code runs as `python train.py` (one process, CPU or one GPU), under `torchr
     torchrun ... train.py --scale 8 --original-max-position-embeddings 8192 --seq-len 16384 --lr 1e-6 --steps 1000 \\
         --beta-fast 128 --beta-slow 2 --model checkpoints/mistral-7b --data long-data/ --out-dir runs/mistral-64k
     # on a CPU: SmolLM2-135M (the default model, 8k context) to 16k, trained on 1024-token sequences
-    python train.py --scale 2 --seq-len 1024 --batch-size 4 --steps 10 --out-dir runs/smollm2-cpu
+    python train.py --scale 2 --seq-len 1024 --batch-size 4 --steps 10 --warmup-steps 2 --out-dir runs/smollm2-cpu
     # after an interruption, the same command with --resume continues exactly as if it had never stopped
     torchrun --nproc_per_node=8 train.py ... --resume
 
@@ -34,9 +36,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +47,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
 import rope
-from checkpoint import (check_out_dir, load_checkpoint, load_config, load_model, run_settings, save_checkpoint,
-                        save_model, start_log)
-from common import (DEFAULT_CHECKPOINT, ArgumentParser, model_flops, shard, add_dtype_arg, cli, compute_dtype, document_files, is_within,
-                    matmul_peak, number, read_documents, write_atomic, write_dir_atomic, write_json)
-from model import Llama, LlamaConfig
+from checkpoint import (check_out_dir, copy_tokenizer, load_config, load_model, open_run_folder, resume,
+                        save_checkpoint, save_model, weights_dtype)
+from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, cli, compute_dtype, document_files, dtype_reason,
+                    is_within, matmul_peak, model_flops, number, read_documents, shard, write_atomic,
+                    write_dir_atomic)
+from model import Llama
+from tools import assets
 from tokenizer import Tokenizer
 
-DEFAULT_DATA = "data/books"  # the books of assets.py, fetched on first use
+DEFAULT_DATA = assets.FINE_TUNING_BOOKS  # fetched on first use; disjoint from eval_ppl.py's default books
 AC_MIN_SEQ_LEN = 4096  # activation checkpointing is on by default from this sequence length
 
 
@@ -65,7 +67,8 @@ def get_args(argv=None):
     arg("--model", help=f"checkpoint directory to fine-tune, as convert_llama.py writes (default: {DEFAULT_CHECKPOINT},"
                         " SmolLM2-135M)")
     arg("--data", nargs="+", help=".txt files (one document each), .jsonl files (one {\"text\": ...} document per "
-                                  "line) or folders of them (default: the books of assets.py)")
+                                  "line) or folders of them (default: botchan, lcet10 and plrabn12 of "
+                                  "tools/assets.py; the evals' default books, alice29 and asyoulik, are held out)")
     arg("--out-dir", default="runs/yarn", help="checkpoints, log and final model (default: %(default)s)")
     arg("--scale", type=number(float, min=1), default=16.0, help="s, the context extension factor (YaRN's `factor`) "
         "over the original context L (default: %(default)s)")
@@ -112,11 +115,15 @@ def check_args(args, world):
     if args.batch_size % (world * args.micro_batch_size):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes x --micro-batch-size "
                          f"{args.micro_batch_size}: pick a multiple of {world * args.micro_batch_size}")
+    if args.warmup_steps > args.steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} is more than --steps {args.steps}: the run would end "
+                         f"before the lr reaches --lr. Give --warmup-steps {args.steps} or fewer; to train part of a "
+                         "longer run, give its full --steps and stop it when you like (--resume continues it)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     rope.parse_rope_scaling(scaling_of(args, 1))  # a bad --beta-fast fails now, not after loading
     out_dir = Path(args.out_dir)
-    for flag, paths in (("--model", [args.model or DEFAULT_CHECKPOINT]), ("--data", args.data or [DEFAULT_DATA])):
+    for flag, paths in (("--model", [args.model or DEFAULT_CHECKPOINT]), ("--data", args.data or DEFAULT_DATA)):
         for path in paths:
             if args.overwrite and is_within(path, out_dir):
                 raise ValueError(f"{flag} {path} lies inside --out-dir {out_dir}, which --overwrite would delete")
@@ -147,36 +154,38 @@ def lr_at(step, args):
     return args.lr
 
 
-def train_steps(model, optimizer, data, args, start, log, world):
-    """The loop: every step reads one global batch (accumulated over micro-batches), clips the gradient norm, takes
-    an AdamW step, logs, and checkpoints every --save-every steps."""
-    rank, device = dist.get_rank(), next(model.parameters()).device
+def train_step(model, optimizer, data, step, args, log):
+    """One optimizer step over one global batch of --batch-size sequences, accumulated over micro-batches: forward,
+    loss, backward, clip the gradient norm, set the lr, AdamW step, log."""
+    rank, world, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
     accum = args.batch_size // (world * args.micro_batch_size)
-    with tqdm(total=args.steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True) as bar:
-        for step in range(start, args.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = (t.to(device) for t in data.batch(step, micro, rank, world, args.micro_batch_size,
-                                                         args.batch_size))
-                # mean over this process's tokens; FSDP2 averages gradients over processes: the global mean nll
-                loss = model.nll(x, y).sum() / (accum * args.micro_batch_size * (data.seq_len - 1))
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            dist.all_reduce(loss_sum)
-            log(step, loss_sum.item() / world, lr, grad_norm.item(), time.perf_counter() - t0, bar)
-            bar.update()
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                meta = {"step": step + 1, "lr": lr, "sequences_read": (step + 1) * args.batch_size,
-                        "data": data.key, "world_size": world}
-                save_checkpoint(Path(args.out_dir), step + 1, model, optimizer, meta, args.keep)
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = (t.to(device) for t in data.batch(step, micro, rank, world, args.micro_batch_size, args.batch_size))
+        # mean over this process's tokens; FSDP2 averages gradients over processes: the global mean nll
+        loss = model.nll(x, y).sum() / (accum * args.micro_batch_size * (data.seq_len - 1))
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: the global
+    lr = lr_at(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum)
+    log(step, loss_sum.item() / world, lr, grad_norm.item(), time.perf_counter() - start)
+
+
+def train(model, optimizer, data, args, start, log):
+    """Steps start .. --steps - 1, with a sharded checkpoint every --save-every steps and after the last."""
+    for step in range(start, args.steps):
+        train_step(model, optimizer, data, step, args, log)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            meta = {"step": step + 1, "sequences_read": (step + 1) * args.batch_size, "data": data.key,
+                    "world_size": dist.get_world_size()}
+            save_checkpoint(Path(args.out_dir), step + 1, model, optimizer, meta, args.keep)
 
 
 # ----------------------------------------------------------------------------- data
@@ -263,26 +272,18 @@ def build_model(config, src, args, device, seq_len):
 
 def save_final(model, config, src, out_dir):
     """The trained model, gathered on rank 0 (on CPU) in the source checkpoint's dtype: final/ for
-    Llama.from_pretrained, with the scaling it was trained with in its config.json, and hf/ for transformers."""
+    checkpoint.load_model, with the scaling it was trained with in its config.json, and hf/ for transformers."""
     import convert_llama
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        from safetensors import safe_open
-        with safe_open(src / "model.safetensors", "pt") as f:
-            dtype = f.get_slice(next(iter(f.keys())))[:1].dtype
+        dtype = weights_dtype(src)
         with torch.device("meta"):
             final = Llama(dataclasses.replace(config, rope_scaling={**config.rope_scaling, "finetuned": True}))
         final.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
-
-        def fill(tmp):
-            save_model(final, tmp)
-            for f in src.iterdir():  # the tokenizer files
-                if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith("."):
-                    shutil.copy2(f, tmp / f.name)
-
-        write_dir_atomic(out_dir / "final", fill, force=True)
-        print(f"wrote {out_dir / 'final'} (for Llama.from_pretrained)")
+        write_dir_atomic(out_dir / "final", lambda tmp: (save_model(final, tmp), copy_tokenizer(src, tmp)),
+                         force=True)
+        print(f"wrote {out_dir / 'final'} (for checkpoint.load_model)")
         try:
             print(f"wrote {convert_llama.convert(out_dir / 'final', out_dir / 'hf', force=True)} (for transformers)")
         except ValueError as e:  # a RoPE variant that transformers lacks
@@ -293,17 +294,9 @@ def save_final(model, config, src, out_dir):
 # ----------------------------------------------------------------------------- putting it together
 
 def run(args, device):
-    """Validate, load, build, then train and save; nothing is written to --out-dir before everything has loaded."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.model is None or args.data is None:  # the defaults, fetched once per node by its local rank 0
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            from tools import assets
-            import convert_llama
-            convert_llama.default_checkpoint()
-            assets.ensure_books()
-        dist.barrier()
-        args.model = args.model or DEFAULT_CHECKPOINT
-        args.data = args.data or [DEFAULT_DATA]
+    """Load and check everything, then train and save; nothing is written to --out-dir before everything has
+    loaded."""
+    fetch_defaults(args)
     out_dir, src = Path(args.out_dir), Path(args.model)
     start = check_out_dir(out_dir, args)
     torch.manual_seed(args.seed)
@@ -314,72 +307,90 @@ def run(args, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                                   weight_decay=args.weight_decay)
     if start:
-        meta = load_checkpoint(out_dir / (out_dir / "latest").read_text().strip(), model, optimizer)
-        if meta["data"] != data.key:
-            raise ValueError(f"the data changed since {out_dir} was checkpointed (its files, sizes or mtimes differ): "
-                             "resume with the same --data, or start a new run")
-    if rank == 0:
-        if args.overwrite:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("step_*.tmp"):  # left by a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        write_json(out_dir / "run.json", run_settings(args))
-        start_log(out_dir, start)
-        print(f"{src}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, rope_scaling "
-              f"{config.rope_scaling}, max_position_embeddings {config.max_position_embeddings}\n{world} processes x "
-              f"micro-batch {args.micro_batch_size} x {args.batch_size // (world * args.micro_batch_size)} "
-              f"accumulation = {args.batch_size} sequences of {seq_len:,} tokens per step, {str(dtype)[6:]} compute, "
-              f"activation checkpointing {'on' if model.activation_checkpointing else 'off'}, {device.type}\ndata: "
-              f"{len(data.tokens):,} tokens, {data.n:,} sequences; {args.steps} steps read "
-              f"{args.steps * args.batch_size / data.n:.2f} epochs" + (f"\nresuming after step {start}" * bool(start)))
+        resume(out_dir, model, optimizer, data.key)
+    if dist.get_rank() == 0:
+        open_run_folder(out_dir, args, start)
+        print_plan(args, src, config, model, data, seq_len, dtype, device, start)
     dist.barrier()
-    train_steps(model, optimizer, data, args, start, logger(args, config, seq_len, dtype, device), world)
+    with StepLog(args, config, seq_len, dtype, device, start) as log:
+        train(model, optimizer, data, args, start, log)
     save_final(model, config, src, out_dir)
 
 
-def logger(args, config, seq_len, dtype, device):
-    """log(step, loss, lr, grad_norm, seconds, bar): one log.jsonl line per step on rank 0, with tokens/s and MFU
-    (model FLOPs, LlamaConfig.flops, over the measured matmul peak of the compute dtype)."""
-    world = dist.get_world_size()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (matmul_peak(dtype, device) if dist.get_rank() == 0 else 0)
-    step_flops = 3 * model_flops(config, seq_len) * args.batch_size
-    tokens_per_step = args.batch_size * seq_len
+def fetch_defaults(args):
+    """The default model (SmolLM2-135M) and books, fetched once per node by its local rank 0."""
+    if args.model is None or args.data is None:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            import convert_llama
+            convert_llama.default_checkpoint()
+            assets.ensure_books()
+        dist.barrier()
+        args.model = args.model or DEFAULT_CHECKPOINT
+        args.data = args.data or DEFAULT_DATA
 
-    def log(step, loss, lr, grad_norm, seconds, bar):
-        if dist.get_rank() != 0:
-            return
-        mfu = step_flops / seconds / world / peak
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / seconds, "mfu": mfu,
-                  "peak_tflops": peak / 1e12, "seconds": seconds}
-        with open(Path(args.out_dir) / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{mfu:.1%}")
-    return log
+
+def print_plan(args, src, config, model, data, seq_len, dtype, device, start):
+    world = dist.get_world_size()
+    print(f"{src}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, rope_scaling "
+          f"{config.rope_scaling}, max_position_embeddings {config.max_position_embeddings}\n{world} processes x "
+          f"micro-batch {args.micro_batch_size} x {args.batch_size // (world * args.micro_batch_size)} "
+          f"accumulation = {args.batch_size} sequences of {seq_len:,} tokens per step, activation checkpointing "
+          f"{'on' if model.activation_checkpointing else 'off'}, {device.type}\ndtype: "
+          f"{dtype_reason(args.dtype, device)}\ndata: {len(data.tokens):,} tokens, {data.n:,} sequences; "
+          f"{args.steps} steps read {args.steps * args.batch_size / data.n:.2f} epochs"
+          + (f"\nresuming after step {start}" * bool(start)))
+
+
+class StepLog:
+    """log(step, loss, lr, grad_norm, seconds): on rank 0, one log.jsonl line per step and the progress bar, with
+    tokens/s and MFU (model FLOPs, common.model_flops, over the measured matmul peak of the compute dtype)."""
+
+    def __init__(self, args, config, seq_len, dtype, device, start):
+        self.rank0, self.world, self.path = dist.get_rank() == 0, dist.get_world_size(), Path(args.out_dir) / "log.jsonl"
+        self.peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(dtype, device) if self.rank0 else 0
+        self.step_flops = 3 * model_flops(config, seq_len) * args.batch_size
+        self.tokens_per_step = args.batch_size * seq_len
+        self.bar = tqdm(total=args.steps, initial=start, disable=not self.rank0, unit="step", dynamic_ncols=True)
+
+    def __call__(self, step, loss, lr, grad_norm, seconds):
+        if self.rank0:
+            mfu = self.step_flops / seconds / self.world / self.peak
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": (step + 1) * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / seconds,
+                      "mfu": mfu, "peak_tflops": self.peak / 1e12, "seconds": seconds}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                 mfu=f"{mfu:.1%}")
+        self.bar.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.bar.close()
 
 
 def main(argv=None):
     args = get_args(argv)
-    try:
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        # the same checks would fail on every process; made on rank 0 alone, the error is said once, and torchrun
+        # stops the others (waiting for rank 0 at the rendezvous below) when rank 0 exits
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-        cuda = torch.cuda.is_available()
-        if "RANK" in os.environ:  # torchrun
-            if cuda:
-                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            dist.init_process_group("nccl" if cuda else "gloo")
-        else:  # `python train.py`: the same code path, as a group of one
-            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            run(args, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
-        finally:
-            dist.destroy_process_group()
-    except (ValueError, OSError):
-        # every process fails the same checks, and torchrun stops them all once one exits: the others give rank 0
-        # time to say it once (and still say it, later, when rank 0 did not fail)
-        if int(os.environ.get("RANK", 0)) != 0:
-            time.sleep(30)
-        raise
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:  # torchrun
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:  # `python train.py`: the same code path, as a group of one
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        run(args, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+    except (ValueError, OSError) as e:
+        raise type(e)(f"rank {rank}: {e}") if rank else e from None
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

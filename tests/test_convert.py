@@ -13,7 +13,6 @@ import torch
 from tools import assets
 from conftest import ROOT, hf_state_in_our_names, load_ours, one_error_line, run_script, snapshot, tiny_llama, write_hf_llama
 from convert_llama import convert
-from model import Llama
 from checkpoint import load_model, save_model
 
 VOCAB = 320

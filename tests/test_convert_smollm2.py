@@ -7,7 +7,6 @@ import torch
 
 from tools import assets
 from convert_llama import convert
-from model import Llama
 from conftest import hf_state_in_our_names, load_ours
 from tokenizer import Tokenizer
 from checkpoint import load_model

@@ -1,15 +1,16 @@
 """eval_passkey.py: the reference's prompt byte for byte, prompts that just fit their length, scoring with test
-doubles of generate, and the command line."""
+doubles of generate, the progress bar, and the command line."""
+import ast
 import json
 import re
 
 import pytest
 import torch
 
+import common
 import eval_passkey
-from conftest import byte_tokenizer, one_error_line, run_script, write_hf_llama
+from conftest import ROOT, byte_tokenizer, one_error_line, run_script, write_hf_llama
 from convert_llama import convert
-from model import Llama
 from checkpoint import load_model
 
 
@@ -79,11 +80,40 @@ def test_right_answers_score_100_and_wrong_answers_0(checkpoint):
     assert all(1 <= k <= 50000 for cell in keys for k in cell) and len({k for cell in keys for k in cell}) > 1
 
 
+@pytest.mark.parametrize("dynamic_cache", ["pre-rope", "recompute"])
+def test_the_layer_bar_counts_every_block_of_every_step(checkpoint, dynamic_cache):
+    model, tok = load_model(checkpoint), byte_tokenizer()
+    methods = [("default", None), ("dynamic", {"rope_type": "dynamic", "factor": 2.0,
+                                               "original_max_position_embeddings": 256})]
+    cells = eval_passkey.build_prompts(tok, [300], [0.5], trials=2)  # past L: the dynamic rotation changes each step
+    passes = eval_passkey.forward_passes(methods, cells)
+    assert passes == 2 * 2 * eval_passkey.MAX_NEW_TOKENS
+    with common.LayerProgress(model, passes) as bar:
+        results = eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache)
+    assert bar.n == bar.total == passes * len(model.layers)
+    assert [t["answer"] for r in results.values() for t in r[300][0.5]] == \
+           [t["answer"] for r in eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache).values()
+            for t in r[300][0.5]]  # the hooks change no answer
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)  # and are gone
+
+
+def test_the_evaluations_import_no_other_script():
+    scripts = {"eval_ppl", "eval_passkey", "train", "convert_llama"}
+    for script in ("eval_ppl.py", "eval_passkey.py"):
+        tree = ast.parse((ROOT / script).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & scripts, (script, imported & scripts)
+
+
 def test_cli_writes_table_json_and_heatmap(checkpoint, tmp_path):
     result = run_script("eval_passkey.py", "--checkpoint", checkpoint, "--lengths", 300, "--depths", 0, 1, "--trials",
                         1, "--rope", "default", "dynamic", "--out", "r.json", "--plot", "p.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "dynamic" in result.stdout
+    assert result.stdout.startswith("dtype: ") and "(--dtype auto: " in result.stdout.splitlines()[0]
+    # the layer bar: 2 methods x 2 prompts x 10 new tokens (the first one the prefill) x 2 blocks
+    assert "80/80 [" in result.stderr and "dynamic s=2: " in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["trials"]) == {"default", "dynamic"}
     assert report["accuracy"]["dynamic"]["300"].keys() == {"0.0", "1.0"}

@@ -1,5 +1,6 @@
 """eval_ppl.py: sliding-window perplexity against an independent Hugging Face computation, the one-pass truncated
-mode against separate passes, and bad input on the command line."""
+mode against separate passes, the progress bar that moves within a pass, and bad input on the command line (with the
+evaluations' shared command line in common.py)."""
 import json
 import math
 import shutil
@@ -11,10 +12,12 @@ import time
 import pytest
 import torch
 
+import common
 import eval_ppl
+import rope
 from conftest import ROOT, byte_tokenizer, one_error_line, run_script, sigint_as_ctrl_c, snapshot, write_hf_llama
 from convert_llama import convert
-from model import Llama, LlamaConfig
+from model import LlamaConfig
 from tokenizer import Tokenizer
 from checkpoint import load_model
 
@@ -84,7 +87,7 @@ def test_truncated_one_pass_equals_separate_passes_for_static_rope(tiny, rope_ty
     model = load_model(tiny[1])
     doc = torch.randint(0, VOCAB, (260,), generator=torch.Generator().manual_seed(1))
     lengths = [16, 64, 100, 128, 257]
-    scaling = eval_ppl.rope.parse_rope_scaling(yarn(rope_type))
+    scaling = rope.parse_rope_scaling(yarn(rope_type))
     results = eval_ppl.evaluate(model, [("doc", doc)], [(rope_type, scaling)], lengths)
     for W in lengths:
         (total, count), = results[rope_type][W]
@@ -114,19 +117,25 @@ def test_truncated_mode_runs_one_pass_per_length_for_dynamic_rope(tiny, rope_typ
 def test_rope_arguments():
     config = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=VOCAB,
                          max_position_embeddings=8192, rope_scaling={"rope_type": "linear", "factor": 4})
-    parsed = eval_ppl.parse_rope_args(["checkpoint", "default", "yarn", '{"type": "yarn", "factor": 4, "beta_fast": 64}'])
-    methods = dict(eval_ppl.rope_methods(parsed, 2.0, None, config))
+    parsed = common.parse_rope_args(["checkpoint", "default", "yarn", '{"type": "yarn", "factor": 4, "beta_fast": 64}',
+                                     '{"type": "dynamic_yarn"}'])
+    methods = dict(common.rope_methods(parsed, 2.0, None, config))
     assert methods["checkpoint"] == config.rope_scaling and methods["default"] is None
     assert methods["yarn"] == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}
     assert methods["yarn(factor=4,beta_fast=64)"] == {"rope_type": "yarn", "factor": 4.0, "beta_fast": 64,
                                                       "original_max_position_embeddings": 8192}
+    assert methods["dynamic-yarn"] == {"rope_type": "dynamic-yarn", "factor": 2.0,  # "type" and aliases: rope.py's
+                                       "original_max_position_embeddings": 8192}
     for bad in (["yarn", "yarn"], ["yran"], ['{"rope_type": "yarn",}'], ["[1, 2]"], ["plain"]):
         with pytest.raises(ValueError):
-            eval_ppl.parse_rope_args(bad)
+            common.parse_rope_args(bad)
     for bad, message in (('{"rope_type": "nope"}', "unknown rope_type 'nope'"),
+                         ('{"type": "yarn", "rope_type": "linear"}', "says both \"type\": 'yarn' and \"rope_type\""),
+                         ('{"rope_type": 2}', "rope_type must be a string"),
                          ('{"rope_type": "yarn", "facter": 4}', "key 'facter' is not read")):
-        with pytest.raises(ValueError, match=message):
-            eval_ppl.rope_methods(eval_ppl.parse_rope_args([bad]), 2.0, None, config)
+        with pytest.raises(ValueError, match=message) as e:
+            common.rope_methods(common.parse_rope_args([bad]), 2.0, None, config)
+        assert str(e.value).startswith("--rope ") and "\n" not in str(e.value)
 
 
 def test_windows_score_every_token_once():
@@ -134,6 +143,39 @@ def test_windows_score_every_token_once():
         scored = [t for _, end, first in eval_ppl.windows(n, length, stride) for t in range(first, end)]
         starts = {start for start, _, _ in eval_ppl.windows(n, length, stride)} if stride == length else set()
         assert sorted(scored) == [t for t in range(1, n) if t not in starts]
+
+
+
+@pytest.mark.parametrize("mode, scaling, lengths, passes", [
+    ("sliding", None, [64, 100], 10 + 7 + 8 + 5),  # windows start every 16 tokens until one reaches the end:
+                                                    # 0..144 and 0..96 at 64 tokens, 0..112 and 0..64 at 100
+    ("truncated", None, [64, 100, 157], 2),  # one pass per document for a static variant
+    ("truncated", yarn("dynamic"), [64, 100, 157], 3 + 3),  # one per length that fits for a dynamic one
+])
+def test_the_layer_bar_counts_every_block_of_every_pass(tiny, mode, scaling, lengths, passes):
+    model = load_model(tiny[1])
+    gen = torch.Generator().manual_seed(0)
+    docs = [(name, torch.randint(0, VOCAB, (n,), generator=gen)) for name, n in (("a", 203), ("b", 157))]
+    methods = [("m", rope.parse_rope_scaling(scaling))]
+    assert eval_ppl.forward_passes(docs, methods, lengths, mode, 16) == passes
+    with common.LayerProgress(model, passes) as bar:
+        results = eval_ppl.evaluate(model, docs, methods, lengths, mode, 16)
+    assert bar.n == bar.total == passes * len(model.layers)  # it moved block by block, and ended at its total
+    assert results == eval_ppl.evaluate(model, docs, methods, lengths, mode, 16)  # the hooks change no number
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)  # the hooks are gone
+
+
+@pytest.mark.parametrize("name, device, native, expected", [
+    ("float32", "cpu", True, "float32 (--dtype float32)"),
+    ("bfloat16", "cpu", False, "bfloat16 (--dtype bfloat16)"),
+    ("auto", "cuda", False, "bfloat16 (--dtype auto: CUDA)"),
+    ("auto", "cpu", True, "bfloat16 (--dtype auto: this CPU computes bf16 natively"),
+    ("auto", "cpu", False, "float32 (--dtype auto: this CPU has no native bf16"),
+])
+def test_the_dtype_line_says_what_is_computed_and_why(monkeypatch, name, device, native, expected):
+    monkeypatch.setattr(common, "native_bf16", lambda: native)
+    assert common.dtype_reason(name, device).startswith(expected)
+    assert common.dtype_reason(name, device).split()[0] == str(common.compute_dtype(name, device))[len("torch."):]
 
 
 @pytest.fixture
@@ -150,6 +192,9 @@ def test_cli_writes_table_json_and_plot(tiny, docs):
                         "--factor", 3, "--dtype", "float32", "--out", "r.json", "--plot", "p.png", cwd=docs)
     assert result.returncode == 0, result.stderr
     assert "token-weighted" in result.stdout and "ntk(factor=4)" in result.stdout
+    assert result.stdout.splitlines()[0] == "dtype: float32 (--dtype float32)"
+    # the layer bar: 3 methods x 2 documents x one pass (truncated, static) x 2 blocks, named by what runs
+    assert "12/12 [" in result.stderr and "yarn s=3: 128 tokens" in result.stderr and "ntk s=4" in result.stderr
     report = json.loads((docs / "r.json").read_text())
     assert [d["tokens"] for d in report["documents"]] == [400, 360]  # "short" has fewer than 128 tokens
     assert report["settings"]["rope_scaling"]["ntk(factor=4)"]["factor"] == 4.0
@@ -222,7 +267,7 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tiny, docs):
                              "long.txt", "--mode", "sliding", "--stride", "1", "--lengths", "256", "--out", "r.json"],
                             cwd=docs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_as_ctrl_c)
-    while "forward passes" not in proc.stderr.read(1) + proc.stderr.readline():  # wait until it computes
+    while "default: 256 tokens" not in proc.stderr.read(1) + proc.stderr.readline():  # wait until it computes
         assert proc.poll() is None
     time.sleep(1)
     proc.send_signal(signal.SIGINT)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,10 @@ from safetensors.torch import load_file
 
 from tools import assets
 from tools import memory_plan
-from conftest import ROOT, one_error_line, sigint_as_ctrl_c, snapshot, tiny_llama
+from conftest import ROOT, one_error_line, run_script, sigint_as_ctrl_c, snapshot, tiny_llama
 from model import Llama
 from tokenizer import Tokenizer
+import train as train_module
 from train import Sequences, check_args, get_args, lr_at, tokenize
 from checkpoint import load_model, save_model
 
@@ -35,7 +38,7 @@ def setup(tmp_path_factory):
     tokenizer.save_pretrained(root / "tiny")
     book = assets.ensure_books(ROOT / "data" / "books")[0]
     flags = ["--model", str(root / "tiny"), "--data", str(book), "--scale", "2", "--batch-size", "4", "--lr", "3e-3",
-             "--warmup-steps", "2", "--cache-dir", str(root / "cache"), "--peak-tflops", "0.05", "--dtype", "float32"]
+             "--warmup-steps", "1", "--cache-dir", str(root / "cache"), "--peak-tflops", "0.05", "--dtype", "float32"]
     return root, flags
 
 
@@ -253,6 +256,23 @@ def test_a_number_out_of_range_is_one_line_before_anything_runs(capsys, flag, va
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith("train.py: error: ")
+
+
+def test_a_warm_up_longer_than_the_run_is_refused(setup, tmp_path):
+    one_error_line(train(setup[1] + ["--steps", "3", "--warmup-steps", "4"], tmp_path / "out"), "train.py",
+                   "--warmup-steps 4 is more than --steps 3", "--warmup-steps 3 or fewer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_training_books_are_held_out_of_the_default_evaluation(setup, tmp_path):
+    result = run_script("eval_ppl.py", "--checkpoint", setup[0] / "tiny", "--lengths", "32", "--max-docs", "5",
+                        "--rope", "default", "--dtype", "float32", "--out", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    evaluated = {Path(d["name"]).name for d in json.loads((tmp_path / "r.json").read_text())["documents"]}
+    trained = {Path(p).name for p in train_module.DEFAULT_DATA}
+    assert evaluated == {"alice29.txt", "asyoulik.txt"} and trained and not evaluated & trained
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "are held out" in " ".join(help_text.split())
 
 
 def test_a_failed_start_leaves_nothing_behind(setup, tmp_path):

@@ -57,6 +57,10 @@ BOOKS = {
     "lcet10": ("brotli", "1.2.1", "tests/testdata/lcet10.txt"),
     "botchan": ("sentencepiece", "0.2.3", "test/botchan.txt"),
 }
+# the default split: train.py fine-tunes on three books, eval_ppl.py evaluates on the other two, so that the
+# defaults never measure a model on its own training text
+FINE_TUNING_BOOKS = ["data/books/botchan.txt", "data/books/lcet10.txt", "data/books/plrabn12.txt"]  # 294,947 tokens
+HELD_OUT_BOOKS = ["data/books/alice29.txt", "data/books/asyoulik.txt"]  # 39,357 and 39,915 tokens
 
 
 def sha256(path):

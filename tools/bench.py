@@ -38,7 +38,6 @@ import torch
 from tools import assets
 from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
                     peak_memory, write_json)
-from model import Llama
 from checkpoint import load_config, load_model
 
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}

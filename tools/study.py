@@ -1,29 +1,31 @@
-"""The README's fine-tuning study: does a short YaRN fine-tune extend SmolLM2-135M (trained at 8192 tokens) to 32k,
-past the length of its fine-tuning data? YaRN and PI (the ablation) at s = 4, measured before and after, and the
-attention temperature of §3.4 on the model without fine-tuning.
+"""The fine-tuning study (docs/study.md): does a short fine-tune extend SmolLM2-135M (trained at 8192 tokens) to 32k,
+past the length of its fine-tuning data? The paper's three arms at s = 4, YaRN, PI and NTK-aware, measured before and
+after, and the attention temperature of §3.4 on the model without fine-tuning.
 
-    python -m tools.study            # every step below that has not finished yet (~5 h on 2 CPU cores), then the report
+    python -m tools.study            # every step below that has not finished yet (hours on 2 CPU cores), then the report
     python -m tools.study --report   # only the report: docs/finetune.json, docs/temperature.json and the figures
     python -m tools.study --list     # the commands, in order
 
-Every number comes from train.py, eval_ppl.py and eval_passkey.py, run with the commands in STEPS: a step whose
-output exists is skipped, an interrupted fine-tune resumes (--resume), so the study can be stopped and restarted at
-any point. Data: the books of assets.py, three for fine-tuning and two held out for every evaluation.
+Every number comes from train.py, eval_ppl.py and eval_passkey.py, run with the commands in STEPS. Their reports,
+and each fine-tune's run.json and log.jsonl, are kept in docs/study/ (committed: the report is rebuilt from them);
+the checkpoints in runs/study/ (not committed). A step whose report exists is skipped; a fine-tune is run again only
+when an evaluation that reads its checkpoint is still to do and the checkpoint is gone; an interrupted fine-tune
+resumes (--resume). So the study can be stopped and restarted at any point, on any machine. Data: the books of
+tools/assets.py, three for fine-tuning and two held out for every evaluation.
 """
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tools import assets
 import rope
-from common import ArgumentParser, cli, write_json
-from eval_ppl import save_plot
+from common import ArgumentParser, cli, save_plot, write_json
+from tools import assets
 
-OUT, DOCS = Path("runs/study"), Path("docs")
-TRAIN = ["data/books/botchan.txt", "data/books/lcet10.txt", "data/books/plrabn12.txt"]  # 294,947 tokens
-HELD_OUT = ["data/books/alice29.txt", "data/books/asyoulik.txt"]  # 39,357 and 39,915 tokens
+OUT, RESULTS, DOCS = Path("runs/study"), Path("docs/study"), Path("docs")
+TRAIN, HELD_OUT = assets.FINE_TUNING_BOOKS, assets.HELD_OUT_BOOKS  # the default split of train.py and eval_ppl.py
 LENGTHS = [4096 * i for i in range(1, 9)]  # 4k .. 32k = 4 x 8192
 # s = 4 (8k -> 32k) on 8192-token sequences: a quarter of the target length, as the paper's 128k models were trained
 # on 64k sequences. lr: the paper's 2e-5 is for a 7B model over 400 steps; 1e-4 (5x) for a 135M model over 30 steps
@@ -48,18 +50,17 @@ def final(run):
     return OUT / run / "final"
 
 
-def finished(run):
-    return final(run) / "config.json"
-
-
 def fine_tune(name, run, rope_type):
-    return (f"fine-tune {name}", finished(run),
-            ["train.py", *FINE_TUNE, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"])
+    """A fine-tune step: its record is the run's log, copied to RESULTS/run once the run has finished."""
+    return {"name": f"fine-tune {name}", "done": RESULTS / run / "log.jsonl", "run": run,
+            "command": ["train.py", *FINE_TUNE, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"]}
 
 
-def evaluation(name, out, script, *args):
-    """A step that writes one report, OUT/out, with `script` (eval_ppl.py or eval_passkey.py)."""
-    return name, OUT / out, [script, *args, "--out", str(OUT / out)]
+def evaluation(name, out, script, *args, reads=None):
+    """A step that writes one report, RESULTS/out, with `script` (eval_ppl.py or eval_passkey.py); `reads`: the
+    fine-tune whose checkpoint it evaluates."""
+    return {"name": name, "done": RESULTS / out, "reads": reads,
+            "command": [script, *args, "--out", str(RESULTS / out)]}
 
 
 def fine_tuned(run):
@@ -73,43 +74,63 @@ def sweep(scale):
                       "--max-docs", "2", "--lengths", *map(str, SWEEP_LENGTHS[scale]))
 
 
-# (name, the file that exists once the step is done, the command), in order of what the study needs most: the
-# YaRN fine-tune measured before and after first, the PI ablation and the s = 4 temperature sweep last
+# in order of what the study needs most: the YaRN fine-tune measured before and after first, then the ablations
 STEPS = [
     fine_tune("YaRN", "yarn", "yarn"),
     evaluation("perplexity, no fine-tune", "ppl-base.json", "eval_ppl.py",
                "--rope", "default", "linear", "yarn", "--scale", "4", *PPL),
-    evaluation("perplexity, YaRN fine-tuned", "ppl-yarn.json", "eval_ppl.py", *fine_tuned("yarn"), *PPL),
+    evaluation("perplexity, YaRN fine-tuned", "ppl-yarn.json", "eval_ppl.py", *fine_tuned("yarn"), *PPL, reads="yarn"),
     evaluation("passkey, YaRN without fine-tuning", "passkey-base.json", "eval_passkey.py",
                "--rope", "yarn", "--scale", "4", *PASSKEY),
-    evaluation("passkey, YaRN fine-tuned", "passkey-yarn.json", "eval_passkey.py", *fine_tuned("yarn"), *PASSKEY),
+    evaluation("passkey, YaRN fine-tuned", "passkey-yarn.json", "eval_passkey.py", *fine_tuned("yarn"), *PASSKEY,
+               reads="yarn"),
     sweep(2),
     fine_tune("PI", "pi", "linear"),
-    evaluation("perplexity, PI fine-tuned", "ppl-pi.json", "eval_ppl.py", *fine_tuned("pi"), *PPL),
+    evaluation("perplexity, PI fine-tuned", "ppl-pi.json", "eval_ppl.py", *fine_tuned("pi"), *PPL, reads="pi"),
     sweep(4),
+    fine_tune("NTK-aware", "ntk", "ntk"),
+    evaluation("perplexity, NTK-aware, no fine-tune", "ppl-base-ntk.json", "eval_ppl.py",
+               "--rope", "ntk", "--scale", "4", *PPL),
+    evaluation("perplexity, NTK-aware fine-tuned", "ppl-ntk.json", "eval_ppl.py", *fine_tuned("ntk"), *PPL,
+               reads="ntk"),
 ]
+
+
+def to_do(step):
+    """An evaluation is to do until its report exists; a fine-tune until its log is recorded, or again when an
+    evaluation to do reads its checkpoint and the checkpoint is gone."""
+    if not step["done"].exists():
+        return True
+    if "run" in step:
+        readers = [s for s in STEPS if s.get("reads") == step["run"] and not s["done"].exists()]
+        return bool(readers) and not (final(step["run"]) / "config.json").exists()
+    return False
 
 
 def run_steps():
     assets.ensure_books()
-    for name, done, command in STEPS:
-        if done.exists():
-            print(f"done: {name}")
+    for step in STEPS:
+        if not to_do(step):
+            print(f"done: {step['name']}")
             continue
-        print(f"running: {name}: python {shlex.join(command)}", flush=True)
-        if subprocess.run([sys.executable, *command]).returncode:
-            raise ValueError(f"step '{name}' failed; fix what it says, then run study.py again to continue")
+        print(f"running: {step['name']}: python {shlex.join(step['command'])}", flush=True)
+        if subprocess.run([sys.executable, *step["command"]]).returncode:
+            raise ValueError(f"step '{step['name']}' failed; fix what it says, then run the study again to continue")
+        if "run" in step:  # keep the record of the run beside the reports
+            (RESULTS / step["run"]).mkdir(parents=True, exist_ok=True)
+            for name in ("run.json", "log.jsonl"):
+                shutil.copy(OUT / step["run"] / name, RESULTS / step["run"] / name)
 
 
 # ----------------------------------------------------------------------------- the report
 
 def load(name):
-    path = OUT / name
+    path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_log(run):
-    path = OUT / run / "log.jsonl"
+    path = RESULTS / run / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -122,15 +143,17 @@ def passkey_by_length(report):
 
 def report():
     ppl = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"), "PI s=4, no fine-tune": ("ppl-base.json", "linear"),
+           "NTK-aware s=4, no fine-tune": ("ppl-base-ntk.json", "ntk"),
            "YaRN s=4, no fine-tune": ("ppl-base.json", "yarn"), "PI s=4, fine-tuned": ("ppl-pi.json", "checkpoint"),
+           "NTK-aware s=4, fine-tuned": ("ppl-ntk.json", "checkpoint"),
            "YaRN s=4, fine-tuned": ("ppl-yarn.json", "checkpoint")}
     files = dict.fromkeys([*(file for file, _ in ppl.values()), "passkey-base.json", "passkey-yarn.json"])
     evals = {name: load(name) for name in files}  # in a fixed order, so that a rerun writes the same file
     finetune = {
-        "commands": [f"python {shlex.join(command)}" for _, _, command in STEPS],
+        "commands": [f"python {shlex.join(step['command'])}" for step in STEPS],
         "data": {"fine-tune": TRAIN, "held-out": HELD_OUT},
-        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi")
-                 if finished(run).exists()},
+        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi", "ntk")
+                 if (RESULTS / run / "log.jsonl").exists()},
         "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
                                                       in ppl.items() if evals[file]}},
         "passkey": {model: passkey_by_length(evals[file]) for model, file in
@@ -173,7 +196,7 @@ def markdown(finetune, temperature):
     return "\n".join(lines)
 
 
-COLORS = {"plain": "tab:gray", "PI": "tab:orange", "YaRN": "tab:blue"}  # one per method; dashed before fine-tuning
+COLORS = {"plain": "tab:gray", "PI": "tab:orange", "NTK-aware": "tab:green", "YaRN": "tab:blue"}  # one per method; dashed before fine-tuning
 
 
 def plot(finetune, temperature):
@@ -182,7 +205,7 @@ def plot(finetune, temperature):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for run, label in (("yarn", "YaRN s=4"), ("pi", "PI s=4")):
+    for run, label in (("yarn", "YaRN s=4"), ("pi", "PI s=4"), ("ntk", "NTK-aware s=4")):
         if run not in finetune["runs"]:
             continue
         log = finetune["runs"][run]["log"]
@@ -226,7 +249,7 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
     if args.list:
-        return print("\n".join(f"# {name}\npython {shlex.join(command)}" for name, _, command in STEPS))
+        return print("\n".join(f"# {step['name']}\npython {shlex.join(step['command'])}" for step in STEPS))
     if not args.report:
         run_steps()
     report()
