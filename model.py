@@ -70,6 +70,11 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.rotated = rotated
 
+    def copy(self):
+        twin = KVCache.__new__(KVCache)
+        twin.k, twin.v, twin.rotated = self.k.clone(), self.v.clone(), self.rotated
+        return twin
+
     def update(self, pos, k, v):
         end = pos + k.size(2)
         if end > self.k.size(2):
@@ -88,7 +93,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
-        """x [B, T, dim] at positions pos..pos+T-1; cos/sin [pos+T, head_dim/2] cover every position so far."""
+        """x [B, T, dim] at positions pos..pos+T-1; cos/sin [pos+T, head_dim/2] cover every position so far (or are
+        [B, 1, T, head_dim/2], gathered at explicit position ids, pos = 0: Llama.hidden)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -161,10 +167,15 @@ class Llama(nn.Module):
         cos, sin = self._tables
         return cos[:seq_len], sin[:seq_len]
 
-    def hidden(self, tokens, cache=None, pos=0):
+    def hidden(self, tokens, cache=None, pos=0, positions=None):
         """Final (normalized) hidden states [B, T, dim] of tokens at positions pos..pos+T-1, after `pos` tokens
-        held in `cache` (one KVCache per layer)."""
-        cos, sin = self.rope_tables(pos + tokens.size(1))
+        held in `cache` (one KVCache per layer); or, in training only, at the position ids `positions` [B, T]."""
+        if positions is None:
+            cos, sin = self.rope_tables(pos + tokens.size(1))
+        else:  # PoSE (Zhu et al., arXiv 2309.10400): short windows whose position ids skip across the long context
+            assert cache is None and pos == 0, "explicit positions are for training, without a KV cache"
+            tables = self.rope_tables(int(positions.max()) + 1)
+            cos, sin = (t[positions.to(t.device)].unsqueeze(1) for t in tables)  # [B, 1 (every head), T, D/2]
         x = self.tok_embeddings(tokens)
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():  # training, so no KV cache here
@@ -182,10 +193,11 @@ class Llama(nn.Module):
     def _chunk_nll(self, h, targets):
         return F.cross_entropy(self.head(h).float(), targets, ignore_index=-100, reduction="none")
 
-    def nll(self, tokens, targets, chunk_size=1024):
+    def nll(self, tokens, targets, chunk_size=1024, positions=None):
         """Per-token negative log-likelihood [B, T] in fp32 (0 where targets == -100), computed chunk by chunk so
-        that [T, vocab] logits never exist at once; in training each chunk's logits are recomputed in backward."""
-        hidden, flat_targets = self.hidden(tokens).flatten(0, 1), targets.flatten()
+        that [T, vocab] logits never exist at once; in training each chunk's logits are recomputed in backward.
+        positions: the tokens' position ids [B, T] (PoSE training, see hidden); None: 0..T-1."""
+        hidden, flat_targets = self.hidden(tokens, positions=positions).flatten(0, 1), targets.flatten()
         losses = []
         for i in range(0, flat_targets.numel(), chunk_size):
             args = (hidden[i:i + chunk_size], flat_targets[i:i + chunk_size])
@@ -195,11 +207,12 @@ class Llama(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, return_logits=False,
-                 dynamic_cache="pre-rope"):
+                 dynamic_cache="pre-rope", decoder=None):
         """Continue tokens [B, T] by max_new_tokens through the KV cache; greedy when temperature == 0, else sampled
         from the top_k most likely. Returns [B, T + n] tokens, and with return_logits the [B, n, vocab] logits each
-        new token was drawn from. dynamic_cache: how a dynamic variant keeps its cache (see Decoder)."""
-        next_logits = Decoder(self, tokens.size(0), tokens.size(1) + max_new_tokens, dynamic_cache)
+        new token was drawn from. dynamic_cache: how a dynamic variant keeps its cache (see Decoder); decoder: one
+        that already holds the first tokens (a shared prefix), with room for T + n."""
+        next_logits = decoder or Decoder(self, tokens.size(0), tokens.size(1) + max_new_tokens, dynamic_cache)
         out, steps = tokens, []
         done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
@@ -234,6 +247,12 @@ class Decoder:
         self.cache = [KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, ref.dtype, ref.device,
                               rotated=not dynamic or self.recompute) for _ in model.layers]
         self.pos, self.rotation = 0, None  # tokens cached; the rotation they were cached under ("recompute")
+
+    def copy(self):
+        """A decoder with its own copy of this one's cache (a prefix that several prompts share)."""
+        twin = Decoder.__new__(Decoder)
+        twin.__dict__.update(self.__dict__, cache=[layer.copy() for layer in self.cache])
+        return twin
 
     def __call__(self, tokens):
         if self.recompute:

@@ -14,7 +14,9 @@ resumes (--resume). So the study can be stopped and restarted at any point, on a
 tools/assets.py, three for fine-tuning and two held out for every evaluation.
 """
 import json
+import math
 import shlex
+import statistics
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,12 @@ FINE_TUNE = ["--scale", "4", "--seq-len", "8192", "--batch-size", "2", "--steps"
 PPL = ["--data", *HELD_OUT, "--max-docs", "2", "--lengths", *map(str, LENGTHS)]
 # one trial at each of 3 depths: a 32k prompt costs ~4 min here (attention is 85% of it), so 3 trials per length
 PASSKEY = ["--lengths", "8192", "16384", "32768", "--depths", "0.1", "0.5", "0.9", "--trials", "1"]
+# enough to support a conclusion: 12 trials per length (4 keys at each of 3 depths), the same seeded keys for every
+# model; the trials of a (length, depth) cell share the KV cache of the filler before their key
+PASSKEY_12 = ["--lengths", "8192", "16384", "32768", "--depths", "0.25", "0.5", "0.75", "--trials", "4"]
+# PoSE (arXiv 2309.10400): the YaRN run's recipe on 2048-token windows whose positions span s·L = 32k, 8 windows a
+# step instead of 2, so the same tokens per step and the same steps
+POSE = ["--pose", "--seq-len", "2048", "--batch-size", "8"]
 # sqrt(1/t) around the paper's 0.1 ln(s) + 1 (eq. 22): 1.0693 for s = 2, 1.1386 for s = 4; four values at s = 4,
 # where each one costs two 32k passes (~9.5 min)
 TEMPERATURES = {2: [1.0, 1.035, 1.0693, 1.1, 1.15], 4: [1.0, 1.07, 1.1386, 1.2]}
@@ -50,10 +58,11 @@ def final(run):
     return OUT / run / "final"
 
 
-def fine_tune(name, run, rope_type):
-    """A fine-tune step: its record is the run's log, copied to RESULTS/run once the run has finished."""
+def fine_tune(name, run, rope_type, *extra):
+    """A fine-tune step: its record is the run's log, copied to RESULTS/run once the run has finished; extra flags
+    replace FINE_TUNE's (argparse keeps the last)."""
     return {"name": f"fine-tune {name}", "done": RESULTS / run / "log.jsonl", "run": run,
-            "command": ["train.py", *FINE_TUNE, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"]}
+            "command": ["train.py", *FINE_TUNE, *extra, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"]}
 
 
 def evaluation(name, out, script, *args, reads=None):
@@ -93,33 +102,42 @@ STEPS = [
                "--rope", "ntk", "--scale", "4", *PPL),
     evaluation("perplexity, NTK-aware fine-tuned", "ppl-ntk.json", "eval_ppl.py", *fine_tuned("ntk"), *PPL,
                reads="ntk"),
+    fine_tune("YaRN + PoSE", "yarn-pose", "yarn", *POSE),
+    evaluation("perplexity, YaRN + PoSE fine-tuned", "ppl-yarn-pose.json", "eval_ppl.py", *fine_tuned("yarn-pose"),
+               *PPL, reads="yarn-pose"),
+    evaluation("passkey, 12 per length, YaRN without fine-tuning", "passkey12-base.json", "eval_passkey.py",
+               "--rope", "yarn", "--scale", "4", *PASSKEY_12),
+    evaluation("passkey, 12 per length, YaRN fine-tuned", "passkey12-yarn.json", "eval_passkey.py",
+               *fine_tuned("yarn"), *PASSKEY_12, reads="yarn"),
+    evaluation("passkey, 12 per length, YaRN + PoSE fine-tuned", "passkey12-yarn-pose.json", "eval_passkey.py",
+               *fine_tuned("yarn-pose"), *PASSKEY_12, reads="yarn-pose"),
 ]
-
-
-def to_do(step):
-    """An evaluation is to do until its report exists; a fine-tune until its log is recorded, or again when an
-    evaluation to do reads its checkpoint and the checkpoint is gone."""
-    if not step["done"].exists():
-        return True
-    if "run" in step:
-        readers = [s for s in STEPS if s.get("reads") == step["run"] and not s["done"].exists()]
-        return bool(readers) and not (final(step["run"]) / "config.json").exists()
-    return False
+RUNS = {"yarn": "YaRN s=4", "pi": "PI s=4", "ntk": "NTK-aware s=4", "yarn-pose": "YaRN + PoSE s=4"}
 
 
 def run_steps():
+    """Every evaluation not done yet, in order; the fine-tune it reads first, when its checkpoint is not here (a
+    fine-tune recorded in RESULTS but run on another machine is run again: same seed, same data)."""
     assets.ensure_books()
+    tunes = {step["run"]: step for step in STEPS if "run" in step}
     for step in STEPS:
-        if not to_do(step):
+        needs = tunes.get(step.get("reads"))
+        if step["done"].exists():
             print(f"done: {step['name']}")
             continue
-        print(f"running: {step['name']}: python {shlex.join(step['command'])}", flush=True)
-        if subprocess.run([sys.executable, *step["command"]]).returncode:
-            raise ValueError(f"step '{step['name']}' failed; fix what it says, then run the study again to continue")
-        if "run" in step:  # keep the record of the run beside the reports
-            (RESULTS / step["run"]).mkdir(parents=True, exist_ok=True)
-            for name in ("run.json", "log.jsonl"):
-                shutil.copy(OUT / step["run"] / name, RESULTS / step["run"] / name)
+        if needs and not (final(needs["run"]) / "config.json").exists():
+            run_step(needs)
+        run_step(step)
+
+
+def run_step(step):
+    print(f"running: {step['name']}: python {shlex.join(step['command'])}", flush=True)
+    if subprocess.run([sys.executable, *step["command"]]).returncode:
+        raise ValueError(f"step '{step['name']}' failed; fix what it says, then run the study again to continue")
+    if "run" in step:  # keep the record of the run beside the reports
+        (RESULTS / step["run"]).mkdir(parents=True, exist_ok=True)
+        for name in ("run.json", "log.jsonl"):
+            shutil.copy(OUT / step["run"] / name, RESULTS / step["run"] / name)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -135,33 +153,68 @@ def run_log(run):
 
 
 def passkey_by_length(report):
-    """{length: {"correct", "trials"}} over every depth of the one configuration in an eval_passkey.py report."""
+    """{length: {"correct", "trials", "wilson_95"}} over every depth of the one configuration in an eval_passkey.py
+    report."""
     (trials,) = report["trials"].values()
-    return {L: {"correct": sum(t["correct"] for cell in by_depth.values() for t in cell),
-                "trials": sum(len(cell) for cell in by_depth.values())} for L, by_depth in trials.items()}
+    counts = {L: (sum(t["correct"] for cell in by_depth.values() for t in cell), sum(map(len, by_depth.values())))
+              for L, by_depth in trials.items()}
+    return {L: {"correct": k, "trials": n, "wilson_95": wilson(k, n)} for L, (k, n) in counts.items()}
+
+
+PPL_ROWS = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"),
+            "PI s=4, no fine-tune": ("ppl-base.json", "linear"),
+            "NTK-aware s=4, no fine-tune": ("ppl-base-ntk.json", "ntk"),
+            "YaRN s=4, no fine-tune": ("ppl-base.json", "yarn"),
+            "PI s=4, fine-tuned": ("ppl-pi.json", "checkpoint"),
+            "NTK-aware s=4, fine-tuned": ("ppl-ntk.json", "checkpoint"),
+            "YaRN s=4, fine-tuned": ("ppl-yarn.json", "checkpoint"),
+            "YaRN + PoSE s=4, fine-tuned": ("ppl-yarn-pose.json", "checkpoint")}
+PASSKEY_ROWS = {"passkey": {"YaRN s=4, no fine-tune": "passkey-base.json", "YaRN s=4, fine-tuned": "passkey-yarn.json"},
+                "passkey_12": {"YaRN s=4, no fine-tune": "passkey12-base.json",
+                               "YaRN s=4, fine-tuned": "passkey12-yarn.json",
+                               "YaRN + PoSE s=4, fine-tuned": "passkey12-yarn-pose.json"}}
+
+
+def wilson(k, n, z=1.96):
+    """The 95% Wilson score interval of a proportion k/n (it stays inside [0, 1] and is sane at k = 0 or n)."""
+    p, z2 = k / n, z * z
+    center, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def cost(run):
+    """Wall time, median tokens/s and peak memory (where logged) of a fine-tune, from its log."""
+    log = run_log(run)
+    peaks = [r["peak_memory_bytes"] for r in log if "peak_memory_bytes" in r]
+    return {"seconds": sum(r["seconds"] for r in log), "median_tokens_per_s": statistics.median(
+        r["tokens_per_s"] for r in log), "peak_memory_bytes": max(peaks) if peaks else None}
 
 
 def report():
-    ppl = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"), "PI s=4, no fine-tune": ("ppl-base.json", "linear"),
-           "NTK-aware s=4, no fine-tune": ("ppl-base-ntk.json", "ntk"),
-           "YaRN s=4, no fine-tune": ("ppl-base.json", "yarn"), "PI s=4, fine-tuned": ("ppl-pi.json", "checkpoint"),
-           "NTK-aware s=4, fine-tuned": ("ppl-ntk.json", "checkpoint"),
-           "YaRN s=4, fine-tuned": ("ppl-yarn.json", "checkpoint")}
-    files = dict.fromkeys([*(file for file, _ in ppl.values()), "passkey-base.json", "passkey-yarn.json"])
+    files = [*dict.fromkeys(file for file, _ in PPL_ROWS.values()),
+             *(file for rows in PASSKEY_ROWS.values() for file in rows.values())]
     evals = {name: load(name) for name in files}  # in a fixed order, so that a rerun writes the same file
+    runs = [run for run in RUNS if (RESULTS / run / "log.jsonl").exists()]
     finetune = {
         "commands": [f"python {shlex.join(step['command'])}" for step in STEPS],
-        "data": {"fine-tune": TRAIN, "held-out": HELD_OUT},
-        "runs": {run: {"settings": load(f"{run}/run.json"), "log": run_log(run)} for run in ("yarn", "pi", "ntk")
-                 if (RESULTS / run / "log.jsonl").exists()},
+        "data": {"fine-tune": TRAIN, "held-out": HELD_OUT}, "reports": str(RESULTS),
+        "runs": {run: {"settings": load(f"{run}/run.json"), "cost": cost(run), "log": run_log(run)} for run in runs},
         "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
-                                                      in ppl.items() if evals[file]}},
-        "passkey": {model: passkey_by_length(evals[file]) for model, file in
-                    (("YaRN s=4, no fine-tune", "passkey-base.json"), ("YaRN s=4, fine-tuned", "passkey-yarn.json"))
-                    if evals[file]},
-        "evaluations": evals,
+                                                      in PPL_ROWS.items() if evals[file]},
+                       "dtypes": {model: evals[file]["settings"]["dtype"] for model, (file, _) in PPL_ROWS.items()
+                                  if evals[file]}},
+        **{key: {model: passkey_by_length(evals[file]) for model, file in rows.items() if evals[file]}
+           for key, rows in PASSKEY_ROWS.items()},
     }
     write_json(DOCS / "finetune.json", finetune)
+    temperature = temperature_report()
+    write_json(DOCS / "temperature.json", temperature)
+    plot(finetune, temperature)
+    print(markdown(finetune, temperature))
+    print(f"wrote {DOCS / 'finetune.json'}, {DOCS / 'temperature.json'} and the figures in {DOCS}")
+
+
+def temperature_report():
     temperature = {}
     for scale in (2, 4):
         sweep = load(f"temperature-s{scale}.json")
@@ -171,22 +224,30 @@ def report():
                 "lengths": SWEEP_LENGTHS[scale], "evaluation": sweep,
                 "perplexity": {W: [by_length[str(W)] for by_length in sweep["perplexity"].values()]
                                for W in SWEEP_LENGTHS[scale]}}
-    write_json(DOCS / "temperature.json", temperature)
-    plot(finetune, temperature)
-    print(markdown(finetune, temperature))
-    print(f"wrote {DOCS / 'finetune.json'}, {DOCS / 'temperature.json'} and the figures in {DOCS}")
+    return temperature
 
 
 def markdown(finetune, temperature):
-    """The README's tables, from the report."""
+    """The tables of docs/study.md, from the report."""
     lines = ["| model (perplexity, held-out books) | " + " | ".join(f"{W:,}" for W in LENGTHS) + " |",
              "|---" * (len(LENGTHS) + 1) + "|"]
     for model, by_length in finetune["perplexity"]["models"].items():
         lines.append(f"| {model} | " + " | ".join(f"{round(by_length[str(W)], 2):.2f}" for W in LENGTHS) + " |")
-    lines += ["", "| model (passkey: right / trials) | " + " | ".join(f"{int(L):,}" for L in PASSKEY[1:4]) + " |",
-              "|---|---|---|---|"]
-    for model, by_length in finetune["passkey"].items():
-        lines.append(f"| {model} | " + " | ".join(f"{c['correct']} / {c['trials']}" for c in by_length.values()) + " |")
+    for key, what in (("passkey", "right / trials"), ("passkey_12", "right / trials, 95% Wilson interval")):
+        if finetune[key]:
+            lengths = next(iter(finetune[key].values()))
+            lines += ["", f"| model (passkey: {what}) | " + " | ".join(f"{int(L):,}" for L in lengths) + " |",
+                      "|---" * (len(lengths) + 1) + "|"]
+        for model, by_length in finetune[key].items():
+            cells = [f"{c['correct']} / {c['trials']}" + (f" ({100 * c['wilson_95'][0]:.0f}-"
+                                                           f"{100 * c['wilson_95'][1]:.0f}%)") * (key != "passkey")
+                     for c in by_length.values()]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| fine-tune | wall time | median tokens/s | peak memory |", "|---|---|---|---|"]
+    for run, r in finetune["runs"].items():
+        peak = r["cost"]["peak_memory_bytes"]
+        lines.append(f"| {RUNS[run]} | {r['cost']['seconds'] / 60:.1f} min | {r['cost']['median_tokens_per_s']:.0f} | "
+                     + (f"{peak / 2**30:.2f} GiB" if peak else "not logged") + " |")
     for sweep in temperature.values():
         lines += ["", f"| YaRN s = {sweep['scale']}, attention_factor | "
                   + " | ".join(f"{a:g}" for a in sweep["attention_factors"]) + " |",
@@ -196,7 +257,11 @@ def markdown(finetune, temperature):
     return "\n".join(lines)
 
 
-COLORS = {"plain": "tab:gray", "PI": "tab:orange", "NTK-aware": "tab:green", "YaRN": "tab:blue"}  # one per method; dashed before fine-tuning
+COLORS = {"plain": "tab:gray", "PI": "tab:orange", "NTK-aware": "tab:green", "YaRN": "tab:blue", "YaRN +": "tab:purple"}  # one per method; dashed before fine-tuning
+
+
+def color(model):
+    return COLORS["YaRN +"] if "PoSE" in model else COLORS[model.split()[0]]
 
 
 def plot(finetune, temperature):
@@ -205,12 +270,9 @@ def plot(finetune, temperature):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for run, label in (("yarn", "YaRN s=4"), ("pi", "PI s=4"), ("ntk", "NTK-aware s=4")):
-        if run not in finetune["runs"]:
-            continue
-        log = finetune["runs"][run]["log"]
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".", color=COLORS[label.split()[0]],
-                label=label)
+    for run, r in finetune["runs"].items():
+        ax.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], marker=".", color=color(RUNS[run]),
+                label=RUNS[run])
     ax.set(xlabel="step (2 sequences of 8192 tokens)", ylabel="training loss", title="fine-tuning SmolLM2-135M")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -220,7 +282,7 @@ def plot(finetune, temperature):
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for model, by_length in finetune["perplexity"]["models"].items():
         ax.plot(LENGTHS, [by_length[str(W)] for W in LENGTHS], "-" if "fine-tuned" in model else "--",
-                color=COLORS[model.split()[0]], marker="o", label=model)
+                color=color(model), marker="o", label=model)
     ax.axvline(8192, color="gray", linestyle=":", label="trained context and fine-tuning length (8192)")
     ax.set(xlabel="context length (tokens)", ylabel="perplexity, held-out books (log scale)", yscale="log",
            title="SmolLM2-135M extended to 32k: before and after fine-tuning")
