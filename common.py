@@ -35,7 +35,15 @@ def remove_stale_temps(path):
     for p in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
         match = pattern.fullmatch(p.name)
         if match and not process_alive(int(match.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            remove(p)
+
+
+def remove(path):
+    """Remove a file, a folder or a symbolic link (the link, never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def process_alive(pid):
@@ -65,7 +73,48 @@ def write_atomic(path, write):
 
 
 def write_json(path, obj):
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+    """obj as JSON, atomically. NaN and infinity are refused (ValueError): they are not JSON, and most readers fail
+    on them; a report replaces them first (null_nonfinite)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
+
+
+def read_json_object(path):
+    """A JSON file that must hold an object ({...}): bad JSON, or a list or number, is a one-line error naming it."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}, not a {type(obj).__name__}")
+    return obj
+
+
+def exp_or_inf(x):
+    """math.exp(x), or infinity where it would overflow a float (a perplexity past 1e308), not an OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def null_nonfinite(report, why):
+    """The dict `report` with every NaN or infinite number (which JSON cannot hold) replaced by null, and, if there
+    were any, report["missing"] = {"numbers": where each was and what it was, "why": why}: a reader of the file sees
+    which numbers are missing and why."""
+    missing = []
+
+    def clean(x, where):
+        if isinstance(x, float) and not math.isfinite(x):
+            missing.append(f"{where}: {x}")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    report = clean(report, "")
+    return {**report, "missing": {"numbers": missing, "why": why}} if missing else report
 
 
 def write_dir_atomic(path, fill, force=False):
@@ -86,8 +135,8 @@ def write_dir_atomic(path, fill, force=False):
             os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(tmp)
+        remove(old)  # a symbolic link that `path` was: the link goes, what it pointed to stays
     return path
 
 
@@ -99,6 +148,19 @@ def is_within(path, other):
     """Whether `path` is `other` or lies inside it (symbolic links resolved)."""
     path, other = Path(path).resolve(), Path(other).resolve()
     return path == other or other in path.parents
+
+
+def check_not_an_input(output, flag, inputs):
+    """An output never replaces what the command reads: refuse `output` (a file or folder) when it is one of `inputs`
+    ((flag, path) pairs, files or folders; None is skipped), lies inside one, or holds one. Symbolic links resolved."""
+    for input_flag, path in inputs:
+        if path is None:
+            continue
+        if is_within(output, path) or is_within(path, output):
+            how = ("is" if Path(output).resolve() == Path(path).resolve() else
+                   "lies inside" if is_within(output, path) else "holds")
+            raise ValueError(f"{flag} {output} {how} {input_flag} {path}, which this command reads: write "
+                             f"{flag} elsewhere")
 
 
 def check_output_file(path, flag, suffixes=None):
@@ -122,11 +184,12 @@ def plot_suffixes():
 # ----------------------------------------------------------------------------- documents
 
 def document_files(paths, flag="--data"):
-    """The files behind `paths`: a file as given, a folder's .txt and .jsonl files (recursively, sorted)."""
+    """The files behind `paths`: a file as given, a folder's .txt and .jsonl files, in any case (.TXT too),
+    recursively, sorted."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".jsonl") and p.is_file())
             if not found:
                 raise ValueError(f"{flag} {path} holds no .txt or .jsonl file")
             files += found
@@ -147,7 +210,7 @@ def read_documents(files):
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not raw.strip():
             raise ValueError(f"{path} is empty: remove it from the data")
-        if path.suffix != ".jsonl":
+        if path.suffix.lower() != ".jsonl":
             yield str(path), raw
             continue
         for n, line in enumerate(raw.splitlines(), 1):
@@ -252,6 +315,13 @@ def peak_memory(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def memory_capacity(device):
+    """Bytes of memory on `device`: the GPU's on CUDA, the machine's RAM on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def clock(device):
@@ -377,7 +447,8 @@ def rope_methods(parsed, scale, original_max_position_embeddings, config):
         try:
             if rope.rope_type_of(d) != "default":
                 d = {"factor": scale, "original_max_position_embeddings": L, **d}
-            methods.append((label, rope.parse_rope_scaling(d)))
+            # checked against the model too (longrope's lists need head_dim/2 entries) before any method runs
+            methods.append((label, rope.parse_rope_scaling(d, config.head_dim, config.max_position_embeddings)))
         except ValueError as e:
             raise ValueError(f"--rope {label}: {e}") from None
     return methods
@@ -398,12 +469,15 @@ def load_evaluated(args, parsed_rope):
     return model, tok, rope_methods(parsed_rope, args.scale, args.original_max_position_embeddings, model.config)
 
 
-def check_outputs(args):
-    """--out and --plot, checked before the hours of work that end in them."""
+def check_outputs(args, inputs):
+    """--out and --plot, checked before the hours of work that end in them: writable, and none of the `inputs`
+    ((flag, path) pairs: the checkpoint, the data) or inside them."""
     if args.out:
         check_output_file(args.out, "--out")
+        check_not_an_input(args.out, "--out", inputs)
     if args.plot:
         check_output_file(args.plot, "--plot", plot_suffixes())
+        check_not_an_input(args.plot, "--plot", inputs)
 
 
 def save_plot(fig, path):

@@ -15,6 +15,7 @@ in `permute`, and nowhere else in the project. Tensors keep the source dtype (GG
 """
 import dataclasses
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from safetensors import SafetensorError, safe_open
 
 from tools import assets
 import rope
-from common import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, cli, is_within, number, write_dir_atomic
+from common import (DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, check_not_an_input, cli, is_within, number,
+                    read_json_object, write_dir_atomic)
 from tokenizer import Tokenizer
-from checkpoint import check_weights, layout, llama_config, load_config, save_weights
+from checkpoint import check_finite, check_weights, layout, llama_config, load_config, save_weights
 
 # our tensor names -> theirs, used in both directions; blocks are model.layers.N.* in HF, blk.N.* in GGUF
 HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
@@ -68,10 +70,8 @@ def corrupt(path, e):
 
 
 def read_json(path):
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    """config.json, params.json, an index: JSON objects, anything else a one-line error (common.read_json_object)."""
+    return read_json_object(path)
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face directory
@@ -82,6 +82,10 @@ def read_hf(src):
         raise ValueError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r} is not supported (only llama "
                          "and mistral)")
     # transformers 5.x keeps rope_theta and the scaling in `rope_parameters`, 4.x has `rope_theta` + `rope_scaling`
+    if not isinstance(cfg.get("rope_parameters") or {}, dict):
+        raise ValueError(f"{src / 'config.json'}: rope_parameters must be a JSON object such as {{\"rope_type\": "
+                         f"\"yarn\", \"factor\": 4.0, ...}}, not {type(cfg['rope_parameters']).__name__} "
+                         f"{cfg['rope_parameters']!r}")
     params = dict(cfg.get("rope_parameters") or {})
     rope_theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     for key, value, expected in (("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
@@ -110,7 +114,7 @@ def read_hf(src):
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (src / index).exists():
-            files = sorted(set(read_json(src / index)["weight_map"].values()))
+            files = shard_files(src / index)
             break
         if (src / single).exists():
             files = [single]
@@ -138,6 +142,21 @@ def read_hf(src):
     return config, state, copy_tokenizer
 
 
+def shard_files(index):
+    """The shard files an HF index (model.safetensors.index.json) maps tensors to: names of files in its folder (a
+    name that leads out of it, ../x or /x, is refused: a checkpoint reads nothing outside itself)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no \"weight_map\" object {{tensor name: shard file}}: the download is "
+                         "incomplete or the file is not an index")
+    files = sorted(set(weight_map.values()))
+    for file in files:
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ValueError(f"{index} lists the shard {file}, outside {index.parent}: a checkpoint's shards lie in "
+                             "its own folder")
+    return files
+
+
 def load_weights(path):
     """(name, tensor) pairs of one .safetensors or .bin file (a .bin is memory-mapped, not read at once)."""
     if path.suffix == ".safetensors":
@@ -152,20 +171,31 @@ def load_weights(path):
 
 
 def load_torch(path):
+    if is_legacy_torch_file(path):
+        raise ValueError(f"{path} is in PyTorch's legacy format (torch.save before 1.6, not a zip archive), which "
+                         "cannot be memory-mapped: save it again in the current format, e.g. `python -c \"import torch;"
+                         f" torch.save(torch.load('{path}', weights_only=True), 'new.bin')\"`, and replace it")
     try:  # mmap: the tensors stay on disk until they are used
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
         raise corrupt(path, e) from None
 
 
+def is_legacy_torch_file(path):
+    """Whether `path` was written by torch.save's pre-1.6 format: a pickle that starts with torch's magic number."""
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 # ------------------------------------------------------------------------------------------------ Meta directory
 
 def read_meta(src):
-    params = read_json(src / "params.json")
+    params = read_meta_params(src / "params.json")
     paths = sorted(src.glob("consolidated.*.pth"))
     expected = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if not paths or [p.name for p in paths] != expected:
-        missing = sorted(set(expected) - {p.name for p in paths}) or [p.name for p in paths]
+        missing = sorted(set(expected) - {p.name for p in paths}) or [p.name for p in paths] or ["consolidated.00.pth"]
         raise ValueError(f"{src}: found {', '.join(p.name for p in paths) or 'no consolidated.NN.pth'}; "
                          f"{missing[0]} is missing or misnamed (shards are consolidated.00.pth, .01, ... without gaps)")
     shards = [load_torch(p) for p in paths]
@@ -212,6 +242,23 @@ def read_meta(src):
             shutil.copy(tokenizer_model, out / "tokenizer.model")
 
     return config, state, copy_tokenizer
+
+
+def read_meta_params(path):
+    """Meta's params.json: dim, n_layers and n_heads (positive integers) must be there; the other settings it may
+    hold must be numbers (or null) before they are computed with (llama_config checks their ranges later)."""
+    params = read_json(path)
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise ValueError(f"{path} has no {key!r}: it is not a Llama params.json, or an incomplete one")
+        if not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer (got {params[key]!r})")
+    for key in ("n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or key == "multiple_of" and value < 1):
+            raise ValueError(f"{path}: {key} must be a {'positive ' * (key == 'multiple_of')}number (got {value!r})")
+    return params
 
 
 def meta_context_length(params):
@@ -330,6 +377,9 @@ def hf_rope(cfg):
     if kind == "llama3":
         return cfg.rope_theta, {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 **{k: v for k, v in scaling.items() if k != "finetuned"}}, mpe
+    if kind == "longrope":  # with its factor written out; transformers 4.x derives it from mpe / L: keep them equal
+        out = {k: v for k, v in scaling.items() if k != "finetuned"}
+        return cfg.rope_theta, out, round(scaling["factor"] * scaling["original_max_position_embeddings"])
     raise ValueError(f"transformers has no {kind} RoPE scaling, so this checkpoint cannot be exported (dynamic-yarn "
                      "equals yarn up to the fine-tuned length: export a yarn checkpoint)")
 
@@ -352,6 +402,8 @@ def read_ours(src):
         "rope_theta": rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "attention_bias": False,
         "mlp_bias": False, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    if rope_scaling and rope_scaling["rope_type"] == "longrope":  # where transformers 4.x reads L (Phi-3 has it)
+        config["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
 
     def copy_tokenizer(out):  # as they are: transformers reads a SentencePiece tokenizer.model, not a tiktoken one
         for f in src.iterdir():
@@ -393,7 +445,10 @@ def convert(src, out, force=False, dtype=None, max_position_embeddings=None):
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if fmt == "ours" and max_position_embeddings:
         raise ValueError("--max-position-embeddings is for conversions into this project's format")
+    if fmt == "meta":  # its tokenizer.model may lie next to the folder
+        check_not_an_input(out, "OUT", [("SRC's tokenizer", src.parent / "tokenizer.model")])
     config, state, copy_tokenizer = {"hf": read_hf, "meta": read_meta, "gguf": read_gguf, "ours": read_ours}[fmt](src)
+    check_finite(state, src)
     if dtype:
         state = {name: w.to(DTYPES[dtype]) for name, w in state.items()}
 

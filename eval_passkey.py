@@ -26,7 +26,7 @@ import torch
 
 import rope
 from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device, dtype_reason,
-                    load_evaluated, number, parse_rope_args, peak_memory, save_plot, write_json)
+                    load_evaluated, memory_capacity, number, parse_rope_args, peak_memory, save_plot, write_json)
 from model import Decoder
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -178,6 +178,18 @@ def write_report(path, args, model, methods, results, lengths, depths, wall, pea
     write_json(path, report)
 
 
+def check_lengths_fit(lengths, model):
+    """Refuse a --lengths whose KV cache alone (keys and values of every layer, prompt + MAX_NEW_TOKENS tokens, in the
+    model's dtype) would not fit in the device's memory, before the prompts of that length are built."""
+    c, weight = model.config, model.tok_embeddings.weight
+    need = 2 * c.n_layers * c.n_kv_heads * c.head_dim * weight.element_size() * (max(lengths) + MAX_NEW_TOKENS)
+    have = memory_capacity(weight.device)
+    if need > have:
+        raise ValueError(f"--lengths {max(lengths):,}: the KV cache alone would take {need / 2**30:,.1f} GiB, more "
+                         f"than the {have / 2**30:,.1f} GiB of memory of this {weight.device.type} device: give "
+                         f"shorter lengths")
+
+
 def parse_args(argv):
     parser = ArgumentParser(__file__, __doc__)
     add_model_args(parser, rope_default=["default", "yarn"])
@@ -203,10 +215,11 @@ def main(argv=None):
     args = parse_args(argv)
     lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
     parsed_rope = parse_rope_args(args.rope)
-    check_outputs(args)
+    check_outputs(args, [("--checkpoint", args.checkpoint)])
     print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
     start = time.time()
     model, tok, methods = load_evaluated(args, parsed_rope)
+    check_lengths_fit(lengths, model)
     cells = build_prompts(tok, lengths, depths, args.trials, args.seed)
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}", flush=True)

@@ -32,7 +32,6 @@ Data: .txt files (one document each), .jsonl files (one document per line, its "
 tools/assets.py that train.py does not fine-tune on.
 """
 import json
-import math
 import time
 from pathlib import Path
 
@@ -40,8 +39,8 @@ import torch
 
 import rope
 from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device,
-                    document_files, dtype_reason, load_evaluated, number, parse_rope_args, peak_memory, read_documents,
-                    save_plot, write_json)
+                    document_files, dtype_reason, exp_or_inf, load_evaluated, null_nonfinite, number, parse_rope_args,
+                    peak_memory, read_documents, save_plot, write_json)
 
 # ----------------------------------------------------------------------------- the method: the two protocols
 
@@ -107,7 +106,7 @@ def evaluate(model, docs, methods, lengths, mode="truncated", stride=256):
 def perplexity(pairs):
     """Token-weighted: exp(total nll / total scored tokens) over the (total, count) pairs that exist."""
     pairs = [p for p in pairs if p is not None]
-    return math.exp(sum(t for t, _ in pairs) / sum(c for _, c in pairs))
+    return exp_or_inf(sum(t for t, _ in pairs) / sum(c for _, c in pairs))
 
 
 # ----------------------------------------------------------------------------- documents, and the passes they take
@@ -184,7 +183,7 @@ def report(args, model, docs, methods, lengths, results, wall):
         "documents": [{"name": name, "tokens": len(doc)} for name, doc in docs],
         "perplexity": {label: {W: perplexity(r[W]) for W in lengths} for label, r in results.items()},
         "per_document": {label: {W: [None if p is None else {"name": name, "nll_sum": p[0], "tokens": p[1],
-                                                               "perplexity": math.exp(p[0] / p[1])}
+                                                               "perplexity": exp_or_inf(p[0] / p[1])}
                                      for (name, _), p in zip(docs, r[W])] for W in lengths}
                          for label, r in results.items()},
         "wall_seconds": wall, "peak_memory_bytes": peak_memory(device),
@@ -202,7 +201,9 @@ def write_outputs(args, model, docs, methods, lengths, results, wall):
     print(f"wall time {out['wall_seconds']:.0f} s, peak memory {out['peak_memory_bytes'] / 2**30:.2f} GiB "
           f"({out['peak_memory_kind']})")
     if args.out:
-        write_json(args.out, out)
+        write_json(args.out, null_nonfinite(out, "the loss was not finite, or its perplexity too large for a float: "
+                                            "the weights were checked finite when loaded, so the activations "
+                                            f"overflowed {out['settings']['dtype']}"))
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, lengths, model.config.max_position_embeddings, title, args.plot)
@@ -239,11 +240,12 @@ def main(argv=None):
     if args.mode == "sliding" and args.stride > lengths[0]:
         raise ValueError(f"--stride ({args.stride}) must not exceed the smallest length ({lengths[0]})")
     parsed_rope = parse_rope_args(args.rope)
-    check_outputs(args)
+    from tools import assets
+    check_outputs(args, [("--checkpoint", args.checkpoint),
+                         *(("--data", path) for path in args.data or assets.HELD_OUT_BOOKS)])
     print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
     start = time.time()
     if args.data is None:
-        from tools import assets
         assets.ensure_books()
         args.data = assets.HELD_OUT_BOOKS
     texts = list(read_documents(document_files(args.data)))

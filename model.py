@@ -42,7 +42,8 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.dim // self.n_heads
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert self.head_dim % 2 == 0, "RoPE rotates pairs: head_dim must be even"
-        self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling)  # None for plain RoPE, however spelt
+        # None for plain RoPE, however spelt; checked against head_dim (and completed: longrope's factor, see rope.py)
+        self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
 
     @property
     def original_max_position_embeddings(self):
@@ -152,7 +153,8 @@ class Llama(nn.Module):
 
     def set_rope_scaling(self, rope_scaling):
         """Switch to another RoPE scaling (HF-style dict, None = plain RoPE); the tables are rebuilt."""
-        self.config.rope_scaling = rope.parse_rope_scaling(rope_scaling)
+        cfg = self.config
+        cfg.rope_scaling = rope.parse_rope_scaling(rope_scaling, cfg.head_dim, cfg.max_position_embeddings)
         self._tables = None
 
     def rope_tables(self, seq_len):
@@ -236,14 +238,16 @@ class Decoder:
     paper's way (§3.3), caches keys before rotation and rotates all of them with the current tables at every step:
     exact for the first layer, while deeper layers keep the keys and values computed from hidden states of earlier
     steps, under earlier scales. "recompute" runs the whole sequence again whenever the rotation changed: exactly a
-    full forward pass, at one full pass per such token."""
+    full forward pass, at one full pass per such token. A variant that switches its rotation once, as the length
+    passes L (rope.SWITCHED: longrope), is always recomputed: one full pass, once, for the exact result."""
 
     def __init__(self, model, batch_size, max_len, dynamic_cache="pre-rope"):
         if dynamic_cache not in ("pre-rope", "recompute"):
             raise ValueError(f"dynamic_cache must be 'pre-rope' or 'recompute' (got {dynamic_cache!r})")
         cfg, ref = model.config, model.tok_embeddings.weight
         dynamic = rope.is_dynamic(cfg.rope_scaling)
-        self.model, self.recompute = model, dynamic and dynamic_cache == "recompute"
+        switched = dynamic and cfg.rope_scaling["rope_type"] in rope.SWITCHED
+        self.model, self.recompute = model, dynamic and dynamic_cache == "recompute" or switched
         self.cache = [KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, ref.dtype, ref.device,
                               rotated=not dynamic or self.recompute) for _ in model.layers]
         self.pos, self.rotation = 0, None  # tokens cached; the rotation they were cached under ("recompute")

@@ -116,9 +116,28 @@ def llama3(scaling, head_dim, base, seq_len):
     return blend(theta, s, gamma=((r - low) / (high - low)).clamp(0, 1)), 1.0
 
 
+def longrope_attention_factor(s, L):
+    """LongRoPE's √(1 + ln(s)/ln(L)), where transformers gives no attention_factor; 1 when s <= 1."""
+    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(L))
+
+
+def longrope(scaling, head_dim, base, seq_len):
+    # LongRoPE (Ding et al. 2024, arXiv 2402.13753; Phi-3, 3.5, 4-mini): NTK-by-parts divides θ_i by a ramp between 1
+    # and s; LongRoPE divides it by a factor found for each pair by search (evolutionary, on perplexity). Two searched
+    # lists: short_factor while l <= L, long_factor past it (transformers switches on the current length l > L).
+    L = scaling["original_max_position_embeddings"]
+    factors = torch.tensor(scaling["long_factor" if seq_len > L else "short_factor"], dtype=torch.float32)
+    # θ_i / factor_i written as transformers computes it, 1 / (factor_i·b^(2i/D)), so that the bits agree
+    h = 1.0 / (factors * base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.get("attention_factor") is not None:
+        return h, scaling["attention_factor"]
+    return h, longrope_attention_factor(scaling["factor"], L)
+
+
 VARIANTS = {"default": default, "linear": linear, "ntk": ntk, "dynamic": dynamic, "ntk-by-parts": ntk_by_parts,
-            "yarn": yarn, "dynamic-yarn": dynamic_yarn, "llama3": llama3}
-DYNAMIC = ("dynamic", "dynamic-yarn")  # these depend on the current length l
+            "yarn": yarn, "dynamic-yarn": dynamic_yarn, "llama3": llama3, "longrope": longrope}
+DYNAMIC = ("dynamic", "dynamic-yarn", "longrope")  # these depend on the current length l
+SWITCHED = ("longrope",)  # ...through l > L only: their rotation changes once, when l passes L (model.Decoder)
 
 
 def is_dynamic(scaling):
@@ -149,19 +168,22 @@ def apply_rotary(x, cos, sin):
 # key must be one the variant reads, with a value of the right type and range.
 
 TYPES = tuple(VARIANTS)
-NEEDS_L = ("dynamic", "ntk-by-parts", "yarn", "dynamic-yarn", "llama3")
+NEEDS_L = ("dynamic", "ntk-by-parts", "yarn", "dynamic-yarn", "llama3", "longrope")
 ALIASES = {"dynamic_yarn": "dynamic-yarn", "ntk_by_parts": "ntk-by-parts", "ntk-aware": "ntk"}
 # every type reads these ("finetuned", which published YaRN configs carry, changes no number), and some more
 COMMON_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "finetuned")
 BY_PARTS_KEYS = ("beta_fast", "beta_slow", "truncate")
 YARN_KEYS = BY_PARTS_KEYS + ("attention_factor", "mscale", "mscale_all_dim")
+LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor")
 KEYS = {"ntk-by-parts": BY_PARTS_KEYS, "yarn": YARN_KEYS, "dynamic-yarn": YARN_KEYS,
-        "llama3": ("low_freq_factor", "high_freq_factor")}
+        "llama3": ("low_freq_factor", "high_freq_factor"), "longrope": LONGROPE_KEYS}
 
 
-def parse_rope_scaling(rope_scaling):
+def parse_rope_scaling(rope_scaling, head_dim=None, max_position_embeddings=None):
     """Check an HF-style rope_scaling dict (older files say "type") and return a normalized copy, or None for plain
-    RoPE (None, or rope_type "default"). Errors are one line that names the key."""
+    RoPE (None, or rope_type "default"). Errors are one line that names the key. The model's head_dim and
+    max_position_embeddings, which model.LlamaConfig and Llama.set_rope_scaling pass, complete longrope's checks
+    (check_longrope)."""
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, dict):
@@ -176,7 +198,7 @@ def parse_rope_scaling(rope_scaling):
                          f"{', '.join(known)})")
     if rope_type == "default":
         return None
-    if "factor" not in scaling:
+    if "factor" not in scaling and rope_type != "longrope":  # longrope's may be derived (check_longrope)
         raise ValueError(f"rope_type {rope_type} needs a 'factor'")
     if rope_type in NEEDS_L and "original_max_position_embeddings" not in scaling:
         raise ValueError(f"rope_type {rope_type} needs 'original_max_position_embeddings' (the context length the "
@@ -188,7 +210,29 @@ def parse_rope_scaling(rope_scaling):
                          "fewer than beta_slow times interpolated")
     if scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
         raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
-    return scaling
+    return check_longrope(scaling, head_dim, max_position_embeddings) if rope_type == "longrope" else scaling
+
+
+def check_longrope(scaling, head_dim, max_position_embeddings):
+    """longrope needs both lists, of one factor per rotary pair: as long as each other, and head_dim/2 long where
+    the caller knows head_dim. A missing factor (Phi-3's configs have none) is max_position_embeddings / L, as
+    transformers derives it; it only sets the attention factor, which is 1 for s <= 1, hence at least 1."""
+    if "short_factor" not in scaling or "long_factor" not in scaling:
+        raise ValueError("rope_type longrope needs 'short_factor' and 'long_factor' (lists of one factor per rotary "
+                         "pair, for lengths up to original_max_position_embeddings and past it)")
+    short, long = len(scaling["short_factor"]), len(scaling["long_factor"])
+    if short != long:
+        raise ValueError(f"longrope short_factor has {short} entries but long_factor {long}: both need one per "
+                         "rotary pair")
+    if head_dim is not None and short != head_dim // 2:
+        raise ValueError(f"longrope short_factor and long_factor have {short} entries, but head_dim {head_dim} has "
+                         f"{head_dim // 2} rotary pairs (one factor each)")
+    if "factor" in scaling:
+        return scaling
+    if max_position_embeddings is None:
+        raise ValueError("rope_type longrope needs a 'factor' (or the model's max_position_embeddings, from which "
+                         "it is derived)")
+    return {**scaling, "factor": max(1.0, max_position_embeddings / scaling["original_max_position_embeddings"])}
 
 
 def rope_type_of(scaling):
@@ -213,6 +257,8 @@ def check_value(rope_type, key, value):
         if not isinstance(value, bool):
             raise ValueError(f"rope scaling {key} must be true or false (got {value!r})")
         return value
+    if key in ("short_factor", "long_factor"):
+        return check_factors(key, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"rope scaling {key} must be a finite number (got {value!r})")
     if key == "factor" and value < 1:
@@ -224,3 +270,13 @@ def check_value(rope_type, key, value):
     if value < 0 or value == 0 and key not in ("mscale", "mscale_all_dim"):
         raise ValueError(f"rope scaling {key} must be positive (got {value:g})")
     return float(value)
+
+
+def check_factors(key, value):
+    """longrope's short_factor or long_factor: a list of finite positive numbers (θ_i is divided by entry i)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"rope scaling {key} must be a list of numbers, one per rotary pair (got {value!r})")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
+            raise ValueError(f"rope scaling {key}[{i}] must be a finite positive number (got {x!r})")
+    return [float(x) for x in value]

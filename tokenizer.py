@@ -84,6 +84,33 @@ def sentencepiece_model(tokens, scores, types, unk_id, bos_id, eos_id, add_dummy
     return pieces + protobuf_field(2, trainer) + protobuf_field(3, normalizer)
 
 
+def read_tiktoken_json(path):
+    """The settings in a tiktoken.json (what save_pretrained writes next to a tiktoken tokenizer.model), each checked:
+    exactly pattern (a regex), special_tokens ({str: id}), bos_id and eos_id (an id or null); ids are integers >= 0."""
+    keys = ("pattern", "special_tokens", "bos_id", "eos_id")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or set(meta) != set(keys):
+        has = f"the keys {', '.join(map(repr, meta))}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{path} must be a JSON object with the keys {', '.join(keys)} (it holds {has})")
+
+    def is_id(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    special = meta["special_tokens"]
+    if not isinstance(special, dict) or not all(is_id(i) for i in special.values()) \
+            or not all(x is None or is_id(x) for x in (meta["bos_id"], meta["eos_id"])):
+        raise ValueError(f"{path}: special_tokens must map names to ids, and bos_id and eos_id be ids or null (ids "
+                         "are integers >= 0)")
+    try:
+        regex.compile(meta["pattern"])
+    except (TypeError, regex.error) as e:
+        raise ValueError(f"{path}: pattern is not a regular expression ({e})") from None
+    return meta
+
+
 class Tokenizer:
     def __init__(self, sp=None, ranks=None, pattern=None, special_tokens=None, bos_id=None, eos_id=None):
         """Either a SentencePieceProcessor `sp`, or a byte-level BPE for tiktoken: `ranks` (token bytes -> id, lower
@@ -117,7 +144,7 @@ class Tokenizer:
             ranks = {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, data.splitlines())}
             meta = path.parent / "tiktoken.json"
             if meta.exists():
-                return cls(ranks=ranks, **json.loads(meta.read_text()))
+                return cls(ranks=ranks, **read_tiktoken_json(meta))
             special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
             return cls(ranks=ranks, pattern=LLAMA3_PATTERN, special_tokens=special,
                        bos_id=special["<|begin_of_text|>"], eos_id=special["<|end_of_text|>"])
@@ -175,6 +202,10 @@ class Tokenizer:
         if self.vocab_size > vocab_size:
             raise ValueError(f"{where}: the tokenizer has {self.vocab_size} tokens but the model's embedding table "
                              f"has {vocab_size} rows: the tokenizer belongs to another model")
+        for name, i in (("bos_id", self.bos_id), ("eos_id", self.eos_id)):
+            if i is not None and i >= vocab_size:
+                raise ValueError(f"{where}: the tokenizer's {name} is {i}, but the model's embedding table has "
+                                 f"{vocab_size} rows (0..{vocab_size - 1}): the tokenizer belongs to another model")
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text) if self.sp is not None else self.encode_bpe(text)

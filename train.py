@@ -47,11 +47,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
 import rope
-from checkpoint import (check_out_dir, copy_tokenizer, load_config, load_model, open_run_folder, resume,
+from checkpoint import (RunFolderLock, check_out_dir, copy_tokenizer, load_config, load_model, open_run_folder, resume,
                         save_checkpoint, save_model, weights_dtype)
-from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, cli, compute_dtype, document_files, dtype_reason,
-                    is_within, matmul_peak, model_flops, number, read_documents, shard, write_atomic,
-                    write_dir_atomic)
+from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_not_an_input, cli, compute_dtype,
+                    document_files, dtype_reason, is_within, matmul_peak, model_flops, number, read_documents, shard,
+                    write_atomic, write_dir_atomic)
 from model import Llama
 from tools import assets
 from tokenizer import Tokenizer
@@ -72,11 +72,13 @@ def get_args(argv=None):
     arg("--out-dir", default="runs/yarn", help="checkpoints, log and final model (default: %(default)s)")
     arg("--scale", type=number(float, min=1), default=16.0, help="s, the context extension factor (YaRN's `factor`) "
         "over the original context L (default: %(default)s)")
-    arg("--rope", default="yarn", choices=[t for t in rope.TYPES if t != "default"],
+    arg("--rope", default="yarn", choices=[t for t in rope.TYPES if t not in ("default", "longrope")],
         help="RoPE scaling to fine-tune with; the others are for ablations, linear = PI (default: %(default)s)")
     arg("--original-max-position-embeddings", type=positive, metavar="L", help="the context the model was "
         "pre-trained at (default: the checkpoint's; Mistral 7B's reference runs use 8192)")
     arg("--seq-len", type=number(int, min=2), help="tokens per training sequence (default: scale x L)")
+    arg("--pose", action="store_true", help="PoSE (Zhu et al. 2023): give each --seq-len sequence position ids that "
+        "skip at random across scale x L, so that short windows train the whole context")
     arg("--beta-fast", type=number(float, above=0), help="YaRN/NTK-by-parts β (default: 32; Mistral's reference: 128)")
     arg("--beta-slow", type=number(float, above=0), help="YaRN/NTK-by-parts α (default: 1; Mistral's reference: 2)")
     arg("--steps", type=positive, default=400, help="optimizer steps; with a constant lr, --resume may raise it "
@@ -127,6 +129,15 @@ def check_args(args, world):
         for path in paths:
             if args.overwrite and is_within(path, out_dir):
                 raise ValueError(f"{flag} {path} lies inside --out-dir {out_dir}, which --overwrite would delete")
+            check_not_an_input(out_dir, "--out-dir", [(flag, path)])
+
+
+def check_seq_len(seq_len, config):
+    """--seq-len past s x L would train positions beyond the context the scaled model is built for (its
+    max_position_embeddings), where its RoPE scaling was never meant to reach."""
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len:,} is longer than s x L = {config.max_position_embeddings:,} tokens, the "
+                         "context the scaled model is built for: lower --seq-len, or raise --scale")
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -154,6 +165,18 @@ def lr_at(step, args):
     return args.lr
 
 
+def pose_position_ids(seq_len, context, rng):
+    """PoSE (Zhu et al. 2023, arXiv 2309.10400, §3.2): position ids [seq_len] for a window of seq_len tokens that
+    span `context` (s·L) positions. As the paper's runs and its code (train_pose.py): two chunks, the first of
+    length l uniform in 1..ceil(seq_len/2) at 0..l-1, the second (the remainder) at l+u .. seq_len-1+u with the skip
+    u uniform in 0..context-seq_len; so the last id is below `context`, and with seq_len = context, u = 0."""
+    first = int(rng.integers(1, (seq_len + 1) // 2, endpoint=True))
+    skip = int(rng.integers(0, context - seq_len, endpoint=True))
+    ids = torch.arange(seq_len)
+    ids[first:] += skip
+    return ids
+
+
 def train_step(model, optimizer, data, step, args, log):
     """One optimizer step over one global batch of --batch-size sequences, accumulated over micro-batches: forward,
     loss, backward, clip the gradient norm, set the lr, AdamW step, log."""
@@ -162,9 +185,11 @@ def train_step(model, optimizer, data, step, args, log):
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = (t.to(device) for t in data.batch(step, micro, rank, world, args.micro_batch_size, args.batch_size))
+        where = (step, micro, rank, world, args.micro_batch_size, args.batch_size)
+        x, y = (t.to(device) for t in data.batch(*where))
+        positions = data.position_ids(*where)  # --pose: PoSE's, skipping across s·L; else None (0..seq_len-1)
         # mean over this process's tokens; FSDP2 averages gradients over processes: the global mean nll
-        loss = model.nll(x, y).sum() / (accum * args.micro_batch_size * (data.seq_len - 1))
+        loss = model.nll(x, y, positions=positions).sum() / (accum * args.micro_batch_size * (data.seq_len - 1))
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
@@ -190,18 +215,33 @@ def train(model, optimizer, data, args, start, log):
 
 # ----------------------------------------------------------------------------- data
 
+def record_of(path):
+    """NAME.sha256 beside a cache file: its size and sha256, written once the file is complete."""
+    return path.with_name(path.name + ".sha256")
+
+
+def is_intact(path):
+    """Whether the cache file exists with the size and sha256 recorded beside it (a cut or damaged copy is not)."""
+    try:
+        size, digest = record_of(path).read_text().split()
+        return path.stat().st_size == int(size) and assets.sha256(path) == digest
+    except (OSError, ValueError):  # no file, no record, or a record that is not "size sha256"
+        return False
+
+
 def tokenize(files, tokenizer, tokenizer_key, cache_dir):
     """All documents as one stream of token ids [BOS doc EOS BOS doc EOS ...] (paper §4.1), tokenized once into a
-    uint32 np.memmap cached under a name keyed by the tokenizer and the files' paths, sizes and mtimes."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([tokenizer_key, stats]).encode()).hexdigest()[:16]
+    uint32 np.memmap cached under a name keyed by the tokenizer and the files' contents (sha256 of their bytes), with
+    its own size and sha256 recorded beside it: a cache file that does not match them is tokenized again."""
+    key = hashlib.sha256(json.dumps([tokenizer_key, [assets.sha256(f) for f in files]]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{key}.u32"
-    if not path.exists():
+    if not is_intact(path):
         def write(tmp):
             with open(tmp, "wb") as out:
                 for _, text in read_documents(files):
                     np.array(tokenizer.encode(text, bos=True, eos=True), dtype=np.uint32).tofile(out)
         write_atomic(path, write)
+        write_atomic(record_of(path), lambda tmp: tmp.write_text(f"{path.stat().st_size} {assets.sha256(path)}\n"))
     return np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size else np.zeros(0, np.uint32), key
 
 
@@ -210,8 +250,9 @@ class Sequences:
     e is a permutation of all sequences seeded by (seed, e). Step k's global batch is positions k·B .. k·B + B - 1
     whatever the number of processes, so a run gives the same result on 1 GPU or on 64 (up to float rounding)."""
 
-    def __init__(self, tokens, key, seq_len, seed):
+    def __init__(self, tokens, key, seq_len, seed, pose_context=None):
         self.tokens, self.seq_len, self.seed, self.key = tokens, seq_len, seed, key
+        self.pose_context = pose_context  # s·L with --pose: position ids skip across it (position_ids)
         self.n = len(tokens) // seq_len
         self._epoch = (None, None)
 
@@ -229,10 +270,21 @@ class Sequences:
         x = torch.stack([self[first + i] for i in range(micro_batch_size)])
         return x, torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), dim=1)
 
+    def position_ids(self, step, micro, rank, world, micro_batch_size, batch_size):
+        """The position ids [micro_batch_size, seq_len] of batch()'s sequences: None (0..seq_len-1) without PoSE;
+        with it, each sequence's own draw (pose_position_ids) seeded by (seed, its position in the stream), so that
+        a resumed run and a run on any number of processes give every sequence the same ids. (The trailing 1 keeps
+        these seeds apart from the epochs' [seed, e], which numpy pads with zeros: [seed, 1, 0] equals [seed, 1].)"""
+        if self.pose_context is None:
+            return None
+        first = step * batch_size + (micro * world + rank) * micro_batch_size
+        return torch.stack([pose_position_ids(self.seq_len, self.pose_context, np.random.default_rng([self.seed, p, 1]))
+                            for p in range(first, first + micro_batch_size)])
 
-def load_data(args, src, vocab_size, seq_len):
+
+def load_data(args, src, vocab_size, seq_len, pose_context=None):
     """Sequences of --data tokenized with the model's tokenizer: once per node, then every process reads the shared
-    memmap."""
+    memmap. pose_context: s·L with --pose (Sequences.position_ids)."""
     tokenizer = Tokenizer.from_pretrained(src)
     tokenizer.check_fits(vocab_size, src)
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
@@ -243,7 +295,7 @@ def load_data(args, src, vocab_size, seq_len):
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         tokenize(*cached)
     dist.barrier()
-    data = Sequences(*tokenize(*cached), seq_len=seq_len, seed=args.seed)
+    data = Sequences(*tokenize(*cached), seq_len=seq_len, seed=args.seed, pose_context=pose_context)
     if data.n == 0:
         raise ValueError(f"--data has {len(data.tokens):,} tokens, fewer than one training sequence of {seq_len:,}: "
                          "add text, or lower --seq-len")
@@ -270,9 +322,10 @@ def build_model(config, src, args, device, seq_len):
     return model, dtype
 
 
-def save_final(model, config, src, out_dir):
+def save_final(model, config, src, out_dir, training):
     """The trained model, gathered on rank 0 (on CPU) in the source checkpoint's dtype: final/ for
-    checkpoint.load_model, with the scaling it was trained with in its config.json, and hf/ for transformers."""
+    checkpoint.load_model, with the scaling it was trained with in its config.json (and, under "training", settings
+    that change no inference: --pose, --seq-len), and hf/ for transformers."""
     import convert_llama
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -281,8 +334,8 @@ def save_final(model, config, src, out_dir):
         with torch.device("meta"):
             final = Llama(dataclasses.replace(config, rope_scaling={**config.rope_scaling, "finetuned": True}))
         final.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
-        write_dir_atomic(out_dir / "final", lambda tmp: (save_model(final, tmp), copy_tokenizer(src, tmp)),
-                         force=True)
+        write_dir_atomic(out_dir / "final", lambda tmp: (save_model(final, tmp, extra={"training": training}),
+                                                         copy_tokenizer(src, tmp)), force=True)
         print(f"wrote {out_dir / 'final'} (for checkpoint.load_model)")
         try:
             print(f"wrote {convert_llama.convert(out_dir / 'final', out_dir / 'hf', force=True)} (for transformers)")
@@ -301,8 +354,12 @@ def run(args, device):
     start = check_out_dir(out_dir, args)
     torch.manual_seed(args.seed)
     config = scaled_config(load_config(src), args)
-    seq_len = args.seq_len or config.max_position_embeddings
-    data = load_data(args, src, config.vocab_size, seq_len)
+    seq_len, context = args.seq_len or config.max_position_embeddings, config.max_position_embeddings
+    if args.pose and seq_len > context:
+        raise ValueError(f"--pose trains on windows no longer than s x L = {context:,}, the context its position ids "
+                         f"span: --seq-len {seq_len:,} is longer; lower it")
+    check_seq_len(seq_len, config)
+    data = load_data(args, src, config.vocab_size, seq_len, context if args.pose else None)
     model, dtype = build_model(config, src, args, device, seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                                   weight_decay=args.weight_decay)
@@ -314,7 +371,8 @@ def run(args, device):
     dist.barrier()
     with StepLog(args, config, seq_len, dtype, device, start) as log:
         train(model, optimizer, data, args, start, log)
-    save_final(model, config, src, out_dir)
+    save_final(model, config, src, out_dir, {"pose": args.pose, "seq_len": seq_len, "scale": args.scale,
+                                             "rope": args.rope})
 
 
 def fetch_defaults(args):
@@ -334,16 +392,30 @@ def print_plan(args, src, config, model, data, seq_len, dtype, device, start):
     print(f"{src}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, rope_scaling "
           f"{config.rope_scaling}, max_position_embeddings {config.max_position_embeddings}\n{world} processes x "
           f"micro-batch {args.micro_batch_size} x {args.batch_size // (world * args.micro_batch_size)} "
-          f"accumulation = {args.batch_size} sequences of {seq_len:,} tokens per step, activation checkpointing "
+          f"accumulation = {args.batch_size} sequences of {seq_len:,} tokens per step"
+          + (f" (PoSE: position ids spread over {config.max_position_embeddings:,})" * args.pose)
+          + ", activation checkpointing "
           f"{'on' if model.activation_checkpointing else 'off'}, {device.type}\ndtype: "
           f"{dtype_reason(args.dtype, device)}\ndata: {len(data.tokens):,} tokens, {data.n:,} sequences; "
           f"{args.steps} steps read {args.steps * args.batch_size / data.n:.2f} epochs"
           + (f"\nresuming after step {start}" * bool(start)))
 
 
+def check_step_finite(step, loss, grad_norm, out_dir):
+    """Stop on a step whose loss or gradient norm is NaN or infinite (every process sees the same global values): the
+    weights it updated are lost, nothing of it is logged or saved, and the checkpoints written before it stay."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise ValueError(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}: training diverged "
+                         f"and stops; nothing of this step is saved, and the checkpoints of {out_dir} written before "
+                         "it stay. Lower --lr or raise --warmup-steps, in a new --out-dir")
+
+
 class StepLog:
     """log(step, loss, lr, grad_norm, seconds): on rank 0, one log.jsonl line per step and the progress bar, with
-    tokens/s and MFU (model FLOPs, common.model_flops, over the measured matmul peak of the compute dtype)."""
+    tokens/s and MFU (model FLOPs, common.model_flops, over the measured matmul peak of the compute dtype). A peak
+    below what a step achieves (measured while the machine was busy, or a wrong --peak-tflops) is raised to it, with
+    a note, so MFU never exceeds 100%. A step whose loss or gradient norm is not finite stops the run
+    (check_step_finite)."""
 
     def __init__(self, args, config, seq_len, dtype, device, start):
         self.rank0, self.world, self.path = dist.get_rank() == 0, dist.get_world_size(), Path(args.out_dir) / "log.jsonl"
@@ -353,8 +425,15 @@ class StepLog:
         self.bar = tqdm(total=args.steps, initial=start, disable=not self.rank0, unit="step", dynamic_ncols=True)
 
     def __call__(self, step, loss, lr, grad_norm, seconds):
+        check_step_finite(step, loss, grad_norm, self.path.parent)
         if self.rank0:
-            mfu = self.step_flops / seconds / self.world / self.peak
+            achieved = self.step_flops / seconds / self.world
+            if achieved > self.peak:
+                self.bar.write(f"MFU: step {step + 1} ran at {achieved / 1e12:.3g} TFLOP/s, above the peak it is "
+                               f"measured against ({self.peak / 1e12:.3g}): the peak is raised to it, and MFU "
+                               "figures are unreliable (the machine was busy when the peak was measured?)")
+                self.peak = achieved
+            mfu = achieved / self.peak
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": (step + 1) * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / seconds,
                       "mfu": mfu, "peak_tflops": self.peak / 1e12, "seconds": seconds}
@@ -378,6 +457,7 @@ def main(argv=None):
         # the same checks would fail on every process; made on rank 0 alone, the error is said once, and torchrun
         # stops the others (waiting for rank 0 at the rendezvous below) when rank 0 exits
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    lock = RunFolderLock(Path(args.out_dir)) if rank == 0 else None  # one run per --out-dir, for the run's life
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ:  # torchrun
         if cuda:
@@ -391,6 +471,8 @@ def main(argv=None):
         raise type(e)(f"rank {rank}: {e}") if rank else e from None
     finally:
         dist.destroy_process_group()
+        if lock:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ YARN = {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 40
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"rope_type": "longrope", "factor": 2}, "unknown rope_type 'longrope'"),
+    ({"rope_type": "su", "factor": 2}, "unknown rope_type 'su'"),  # Phi-3's first name for longrope
     ({**YARN, "factor": 0.5}, "factor must be >= 1 for yarn (got 0.5)"),
     ({"rope_type": "yarn", "factor": 2}, "needs 'original_max_position_embeddings'"),
     ({"rope_type": "linear"}, "needs a 'factor'"),

