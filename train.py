@@ -50,8 +50,8 @@ import rope
 from checkpoint import (RunFolderLock, check_out_dir, copy_tokenizer, load_config, load_model, open_run_folder, resume,
                         save_checkpoint, save_model, weights_dtype)
 from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_not_an_input, cli, compute_dtype,
-                    document_files, dtype_reason, is_within, matmul_peak, model_flops, number, read_documents, shard,
-                    write_atomic, write_dir_atomic)
+                    document_files, dtype_reason, is_within, matmul_peak, model_flops, number, peak_memory,
+                    read_documents, shard, write_atomic, write_dir_atomic)
 from model import Llama
 from tools import assets
 from tokenizer import Tokenizer
@@ -420,6 +420,7 @@ class StepLog:
     def __init__(self, args, config, seq_len, dtype, device, start):
         self.rank0, self.world, self.path = dist.get_rank() == 0, dist.get_world_size(), Path(args.out_dir) / "log.jsonl"
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(dtype, device) if self.rank0 else 0
+        self.device = device
         self.step_flops = 3 * model_flops(config, seq_len) * args.batch_size
         self.tokens_per_step = args.batch_size * seq_len
         self.bar = tqdm(total=args.steps, initial=start, disable=not self.rank0, unit="step", dynamic_ncols=True)
@@ -436,7 +437,8 @@ class StepLog:
             mfu = achieved / self.peak
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": (step + 1) * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / seconds,
-                      "mfu": mfu, "peak_tflops": self.peak / 1e12, "seconds": seconds}
+                      "mfu": mfu, "peak_tflops": self.peak / 1e12, "seconds": seconds,
+                      "peak_memory_bytes": peak_memory(self.device)}  # this process, so far
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",

@@ -73,6 +73,7 @@ def test_torchrun_fsdp2_loss_falls_and_the_output_loads_with_its_yarn_config(set
     root, _ = setup
     losses = [r["loss"] for r in log(straight)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    assert all(r["peak_memory_bytes"] > 2 ** 20 for r in log(straight))  # rank 0's, logged with every step
     model = load_model(straight / "final")
     assert model.config.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": L,
                                          "finetuned": True}
