@@ -110,20 +110,8 @@ def read_hf(src):
         max_position_embeddings=cfg.get("max_position_embeddings", 2048), rope_scaling=scaling,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
-
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (src / index).exists():
-            files = shard_files(src / index)
-            break
-        if (src / single).exists():
-            files = [single]
-            break
-    else:
-        raise ValueError(f"{src} has config.json but no weights (model.safetensors, model.safetensors.index.json "
-                         f"or pytorch_model.bin)")
     state = {}
-    for file in files:
+    for file in hf_weight_files(src):
         if not (src / file).exists():
             raise ValueError(f"{src / file} is missing (listed in {src}'s index.json): download every shard")
         for name, tensor in load_weights(src / file):
@@ -140,6 +128,18 @@ def read_hf(src):
             shutil.copy(src / "original" / "tokenizer.model", out / "tokenizer.model")  # Llama 3 repos keep it there
 
     return config, state, copy_tokenizer
+
+
+def hf_weight_files(src):
+    """The weight files of an HF checkpoint folder: its shards (an index names them), or its one file."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (src / index).exists():
+            return shard_files(src / index)
+        if (src / single).exists():
+            return [single]
+    raise ValueError(f"{src} has config.json but no weights (model.safetensors, model.safetensors.index.json or "
+                     "pytorch_model.bin)")
 
 
 def shard_files(index):

@@ -70,6 +70,15 @@ def test_the_main_tables_are_what_eval_ppl_wrote():
             assert [numbers(cell)[0] for cell in row[1:]] == [round(by_length[str(W)], 2) for W in lengths], row
 
 
+def test_the_amx_bf16_sentence_is_what_eval_ppl_wrote():
+    amx, table = (json.loads((ROOT / "docs" / f).read_text())["perplexity"] for f in ("ppl_bf16_amx.json", "ppl.json"))
+    moved = max(abs(amx[m][W] / table[m][W] - 1) for m in table for W in table[m])
+    assert f"every cell moves by up to {100 * moved:.2f}% from this table" in " ".join(README.split())
+    for method, cells in (("plain RoPE", amx["default"]), ("YaRN", amx["yarn"])):
+        values = list(cells.values())
+        assert f"{method} {values[0]:.2f}, {values[1]:.2f} ... {values[-1]:.2f}" in " ".join(README.split())
+
+
 def test_the_fine_tuning_tables_are_what_the_study_wrote():
     finetune = json.loads((ROOT / "docs" / "finetune.json").read_text())
     header, rows = markdown_table(STUDY, "### Perplexity before and after")
@@ -84,9 +93,14 @@ def test_the_fine_tuning_tables_are_what_the_study_wrote():
         by_length = finetune["passkey"][row[0]]
         assert [numbers(cell)[:2] for cell in row[1:]] == [[by_length[L]["correct"], by_length[L]["trials"]]
                                                           for L in by_length], row
-    assert list(finetune["runs"]) == ["yarn", "pi"]
+    assert list(finetune["runs"])[:3] == ["yarn", "pi", "ntk"] and set(finetune["runs"]) <= {"yarn", "pi", "ntk",
+                                                                                              "yarn-pose"}
     for run in finetune["runs"].values():  # every finished run, each step of it
         assert [r["step"] for r in run["log"]] == list(range(1, run["settings"]["steps"] + 1))
+    header, rows = markdown_table(STUDY, "| fine-tune | wall time |")
+    assert [[numbers(row[1])[0], numbers(row[2])[0]] for row in rows] == \
+           [[round(r["cost"]["seconds"] / 60, 1), round(r["cost"]["median_tokens_per_s"])]
+            for r in finetune["runs"].values()]
     temperature = json.loads((ROOT / "docs" / "temperature.json").read_text())
     assert list(temperature) == ["s=2", "s=4"]
     for sweep in temperature.values():

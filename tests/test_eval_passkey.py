@@ -89,10 +89,10 @@ def test_the_layer_bar_counts_every_block_of_every_step(checkpoint, dynamic_cach
     passes = eval_passkey.forward_passes(model, methods, cells, prefix_cache=True)
     assert passes == 2 * 2 * eval_passkey.MAX_NEW_TOKENS + 1  # + the prefix the static method's 2 trials share
     with common.LayerProgress(model, passes) as bar:
-        results = eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache)
+        results = eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache, prefix_cache=True)
     assert bar.n == bar.total == passes * len(model.layers)
     assert [t["answer"] for r in results.values() for t in r[300][0.5]] == \
-           [t["answer"] for r in eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache).values()
+           [t["answer"] for r in eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache, True).values()
             for t in r[300][0.5]]  # the hooks change no answer
     assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)  # and are gone
 

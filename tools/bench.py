@@ -8,7 +8,7 @@
 Cases, each a closure run the same way for both sides:
   score   the perplexity path: forward + mean loss over a window of T tokens, under inference_mode
           (ours: model.nll(x[:, :-1], x[:, 1:]).mean(); HF: model(input_ids, labels=...).loss, what users write)
-  train   forward, backward and AdamW step over T tokens
+  train   forward, backward and AdamW step over T tokens (fused AdamW: train.py's, and HF Trainer's default)
   decode  greedy decoding of N tokens after a P-token prompt through the KV cache (ours: model.generate;
           HF: generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)); the prefill ends when the final norm
           first runs, and every later run of it is one decode step
@@ -58,7 +58,8 @@ def load(side, path, mode, device, train, rope_scaling=None):
 
             from common import shard
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-            shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), compile=False)
+            shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                              cast_forward_inputs=False), compile=False)
         return model
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
@@ -87,7 +88,7 @@ def score_case(model, side, context):
 
 def train_case(model, side, context):
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's, and HF Trainer's default
 
     def run(x):
         with context:
