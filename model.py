@@ -94,18 +94,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
-        """x [B, T, dim] at positions pos..pos+T-1; cos/sin [pos+T, head_dim/2] cover every position so far (or are
-        [B, 1, T, head_dim/2], gathered at explicit position ids, pos = 0: Llama.hidden)."""
+        """x [B, T, dim] at positions pos..pos+T-1; cos/sin [pos+T, head_dim] cover every position so far (or are
+        [B, T, head_dim], gathered at explicit position ids, pos = 0: Llama.hidden)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = rope.apply_rotary(q, cos[pos:], sin[pos:])
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, heads, head_dim]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim] for SDPA
+        # q and k are rotated in this layout, where they are contiguous, with tables [T, 1, head_dim] for every head
+        here = cos[..., pos:, None, :], sin[..., pos:, None, :]
+        q = rope.apply_rotary(q, *here).transpose(1, 2)
         if cache is not None and not cache.rotated:  # every cached key is rotated with this step's tables
-            k, v = cache.update(pos, k, v)
+            k, v = cache.update(pos, k.transpose(1, 2), v)
             k = rope.apply_rotary(k, cos, sin)
         else:
-            k = rope.apply_rotary(k, cos[pos:], sin[pos:])
+            k = rope.apply_rotary(k, *here).transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(pos, k, v)
         mask = None
@@ -158,8 +160,9 @@ class Llama(nn.Module):
         self._tables = None
 
     def rope_tables(self, seq_len):
-        """fp32 cos/sin [seq_len, head_dim/2] for positions 0..seq_len-1 as rotated at length seq_len: built once
-        for a static variant (for max_position_embeddings, or longer), for every length for a dynamic one."""
+        """fp32 cos/sin [seq_len, head_dim] (rope.cos_sin_tables) for positions 0..seq_len-1 as rotated at length
+        seq_len: built once for a static variant (for max_position_embeddings, or longer), for every length for a
+        dynamic one."""
         cfg, device = self.config, self.tok_embeddings.weight.device
         dynamic = rope.is_dynamic(cfg.rope_scaling)
         if dynamic or self._tables is None or len(self._tables[0]) < seq_len or self._tables[0].device != device:
@@ -177,7 +180,7 @@ class Llama(nn.Module):
         else:  # PoSE (Zhu et al., arXiv 2309.10400): short windows whose position ids skip across the long context
             assert cache is None and pos == 0, "explicit positions are for training, without a KV cache"
             tables = self.rope_tables(int(positions.max()) + 1)
-            cos, sin = (t[positions.to(t.device)].unsqueeze(1) for t in tables)  # [B, 1 (every head), T, D/2]
+            cos, sin = (t[positions.to(t.device)] for t in tables)  # [B, T, head_dim]
         x = self.tok_embeddings(tokens)
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():  # training, so no KV cache here

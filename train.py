@@ -312,8 +312,10 @@ def build_model(config, src, args, device, seq_len):
     use_ac = args.activation_checkpointing
     model.activation_checkpointing = seq_len >= AC_MIN_SEQ_LEN if use_ac is None else use_ac
     dtype = compute_dtype(args.dtype, device)
-    mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
-        else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: each block receives the fp32 RoPE tables as they are (the hidden states are already
+    # in `dtype`), so that the rotation stays in fp32 as model.py says
+    mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if dtype != torch.float32 else MixedPrecisionPolicy()
     shard(model, mp_policy, args.compile)
     model.to_empty(device=device)
     # rank 0 reads the checkpoint, every rank receives its shard (cast to fp32)
@@ -361,8 +363,9 @@ def run(args, device):
     check_seq_len(seq_len, config)
     data = load_data(args, src, config.vocab_size, seq_len, context if args.pose else None)
     model, dtype = build_model(config, src, args, device, seq_len)
+    # fused: one kernel updates every parameter (the default on CPU is a loop of ~10 ops per parameter tensor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)
     if start:
         resume(out_dir, model, optimizer, data.key)
     if dist.get_rank() == 0:
