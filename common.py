@@ -358,13 +358,21 @@ def matmul_peak(dtype, device, repeats=6):
 
 # ----------------------------------------------------------------------------- training on many processes
 
+def compile_blocks(model):
+    """torch.compile each transformer block: inductor fuses the elementwise work around the matmuls and attention
+    (RMSNorm, the rotation, SwiGLU) into a few loops. Each block is wrapped, so hooks on model.layers (FSDP2's, the
+    progress bar's) stay outside the compiled graphs."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = torch.compile(block)
+
+
 def shard(model, mp_policy, compile):
     """FSDP2 in torchtitan's order: activation checkpointing (model.activation_checkpointing, applied per block in
     Llama.hidden), compile each block, shard each block, then the root (embeddings, final norm and head; with tied
     embeddings the one weight is both, and it lives in the root)."""
-    for i, block in enumerate(model.layers):
-        if compile:  # a wrapper, so that FSDP2's hooks stay outside the compiled graph
-            model.layers[i] = block = torch.compile(block)
+    if compile:
+        compile_blocks(model)
+    for block in model.layers:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     register_fsdp_forward_method(model, "nll")  # model.nll, not model(), is what training calls

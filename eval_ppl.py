@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 import rope
-from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device,
-                    document_files, dtype_reason, exp_or_inf, load_evaluated, null_nonfinite, number, parse_rope_args,
-                    peak_memory, read_documents, save_plot, write_json)
+from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, compile_blocks,
+                    default_device, document_files, dtype_reason, exp_or_inf, load_evaluated, null_nonfinite, number,
+                    parse_rope_args, peak_memory, read_documents, save_plot, write_json)
 
 # ----------------------------------------------------------------------------- the method: the two protocols
 
@@ -228,6 +228,8 @@ def parse_args(argv):
                         help="use documents with at least this many tokens (default: the largest length)")
     parser.add_argument("--max-docs", type=number(int, min=1), default=1,
                         help="number of documents (default 1; the paper: 10)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block: 10-20 s to compile, then faster passes (docs/performance.md)")
     parser.add_argument("--out", help="write every number (per document too) and the settings to this JSON file")
     parser.add_argument("--plot", help="write perplexity against length, one line per method, to this image "
                                        "(.png, .pdf, .svg, ...)")
@@ -250,6 +252,8 @@ def main(argv=None):
         args.data = assets.HELD_OUT_BOOKS
     texts = list(read_documents(document_files(args.data)))
     model, tok, methods = load_evaluated(args, parsed_rope)
+    if args.compile:
+        compile_blocks(model)
     docs = tokenize(texts, tok, args.min_tokens or lengths[-1], args.max_docs, model.tok_embeddings.weight.device)
     if lengths[-1] > max(len(doc) for _, doc in docs):
         raise ValueError(f"no document has {lengths[-1]} tokens (--lengths); the longest has "

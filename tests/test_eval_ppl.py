@@ -95,6 +95,24 @@ def test_truncated_one_pass_equals_separate_passes_for_static_rope(tiny, rope_ty
         assert total == pytest.approx(separate_pass_nll(model, doc, W), rel=1e-5)
 
 
+def test_compiled_blocks_score_as_the_eager_model(tiny):
+    """--compile: inductor's fused kernels give the eager perplexities (fp32), at two lengths and after a switch of
+    the RoPE scaling (the tables are inputs of the compiled blocks, not constants baked into them)."""
+    doc = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(2))
+    methods = [(t, rope.parse_rope_scaling(yarn(t))) for t in ("yarn", "linear")]
+    eager, compiled = load_model(tiny[1]), load_model(tiny[1])
+    common.compile_blocks(compiled)
+    assert all(type(block).__name__ == "OptimizedModule" for block in compiled.layers)
+    want = eval_ppl.evaluate(eager, [("doc", doc)], methods, [64, 199])
+    got = eval_ppl.evaluate(compiled, [("doc", doc)], methods, [64, 199])
+    for t, _ in methods:
+        for W in (64, 199):
+            (a, n), = want[t][W]
+            (b, m), = got[t][W]
+            assert n == m and b == pytest.approx(a, rel=1e-5)
+    assert want["yarn"][199] != want["linear"][199]
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "dynamic-yarn"])
 def test_truncated_mode_runs_one_pass_per_length_for_dynamic_rope(tiny, rope_type):
     model = load_model(tiny[1])

@@ -114,6 +114,18 @@ def test_one_and_two_processes_take_the_same_step(setup, one_step):
         assert (wa[k] - w0[k]).abs().max() > 5e-5, k  # the step moved it well past the tolerance: it can fail
 
 
+def test_a_compiled_step_is_the_eager_step(setup, one_step):
+    """--compile (each block through torch.compile, inside FSDP2's wrapping): the same loss and the same weights after
+    the step as the eager run, in fp32."""
+    root, flags = setup
+    ok(train(flags + ["--steps", "1", "--lr", "2e-4", "--micro-batch-size", "2", "--compile"], root / "compiled"))
+    (a,), (b,) = log(one_step[0]), log(root / "compiled")
+    assert abs(a["loss"] - b["loss"]) <= 1e-5
+    eager, compiled = (load_file(d / "final" / "model.safetensors") for d in (one_step[0], root / "compiled"))
+    for k in eager:
+        assert (eager[k] - compiled[k]).abs().max() <= 1e-5, k
+
+
 def test_grad_clip_clips(setup, one_step):
     root, flags = setup
     ok(train(flags + ["--steps", "1", "--lr", "2e-4", "--grad-clip", "1e-12"], root / "clipped"))

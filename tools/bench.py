@@ -37,7 +37,7 @@ import torch
 
 from tools import assets
 from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, check_not_an_input, check_output_file, cli, clock,
-                    default_device, matmul_peak, native_bf16, number, peak_memory, write_json)
+                    compile_blocks, default_device, matmul_peak, native_bf16, number, peak_memory, shard, write_json)
 from checkpoint import load_config, load_model
 
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
@@ -48,7 +48,7 @@ WARMUP_MAX = 4096
 
 # ---- one side, one case, one mode: what runs inside a worker process ----
 
-def load(side, path, mode, device, train, rope_scaling=None):
+def load(side, path, mode, device, train, rope_scaling=None, compile=False):
     dtype = torch.bfloat16 if mode == "bfloat16" and not train else torch.float32
     if side == "ours":
         model = load_model(path, rope_scaling=rope_scaling, dtype=dtype, device=device)
@@ -56,10 +56,11 @@ def load(side, path, mode, device, train, rope_scaling=None):
             import torch.distributed as dist
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            from common import shard
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                              cast_forward_inputs=False), compile=False)
+                                              cast_forward_inputs=False), compile=compile)
+        elif compile:
+            compile_blocks(model)
         return model
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
@@ -139,7 +140,7 @@ def worker(conn, job):
     try:
         torch.set_num_threads(job["threads"])
         device, train = torch.device(job["device"]), job["case"] == "train"
-        model = load(job["side"], job["path"], job["mode"], device, train, job["rope_scaling"])
+        model = load(job["side"], job["path"], job["mode"], device, train, job["rope_scaling"], job["compile"])
         context = compute_context(job["side"], job["mode"], device, train)
         run = decode_case(model, job["side"], context, device, job["dynamic_cache"]) if job["case"] == "decode" else \
             {"score": score_case, "train": train_case}[job["case"]](model, job["side"], context)
@@ -153,7 +154,8 @@ def worker(conn, job):
             run(x)
             return {"seconds": clock(device) - t0}
 
-        warm = warmup_length(job["tokens"])
+        # compiled: the warm-up at full size, so that no compilation falls in a timed run
+        warm = job["tokens"] if job["compile"] else warmup_length(job["tokens"])
         if job["case"] == "decode":
             run(x[:, :warm], job["new_tokens"])
         else:
@@ -337,6 +339,8 @@ def get_args(argv=None):
                    "instead of the checkpoint's, e.g. a dynamic variant for --decode")
     p.add_argument("--dynamic-cache", choices=["pre-rope", "recompute"], default="pre-rope",
                    help="decoding with a dynamic variant: keys cached before RoPE (default), or recompute")
+    p.add_argument("--compile", action="store_true", help="our side's blocks torch.compiled for score and train "
+                   "(eval_ppl.py --compile, train.py --compile); decoding stays eager")
     p.add_argument("--profile", type=number(int, min=2), nargs="+", metavar="T", help="instead of the comparison: "
                    "where our scoring time goes at these lengths, per mode (torch.profiler)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="compute modes (default: float32, and bfloat16 on CUDA "
@@ -382,7 +386,9 @@ def compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine):
                 jobs = {side: {"side": side, "case": case, "tokens": tokens, "new_tokens": new_tokens, "path": path,
                                "threads": args.threads, "device": str(device), "mode": mode,
                                "vocab_size": cfg.vocab_size, "rope_scaling": args.rope,
-                               "dynamic_cache": args.dynamic_cache} for side, path in paths.items()}
+                               "dynamic_cache": args.dynamic_cache,
+                               "compile": args.compile and side == "ours" and case != "decode"}
+                        for side, path in paths.items()}
                 result[mode] = measure(jobs, repeats)
             results.append(result)
 
@@ -432,7 +438,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
-               "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache,
+               "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache, "compile": args.compile,
                "native_bf16": native_bf16(), "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
     print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"

@@ -107,12 +107,16 @@ STEPS = [
                *PPL, reads="yarn-pose"),
     evaluation("passkey, 12 per length, YaRN without fine-tuning", "passkey12-base.json", "eval_passkey.py",
                "--rope", "yarn", "--scale", "4", *PASSKEY_12),
+    # the YaRN fine-tune made again for the passkey table (the first run's checkpoint was on another machine), with
+    # today's code, compiled: its losses against the first run's are in the report ("made_again")
+    fine_tune("YaRN, again (compiled)", "yarn-again", "yarn", "--compile"),
+    evaluation("passkey, 12 per length, YaRN fine-tuned", "passkey12-yarn.json", "eval_passkey.py",
+               *fine_tuned("yarn-again"), *PASSKEY_12, reads="yarn-again"),
     evaluation("passkey, 12 per length, YaRN + PoSE fine-tuned", "passkey12-yarn-pose.json", "eval_passkey.py",
                *fine_tuned("yarn-pose"), *PASSKEY_12, reads="yarn-pose"),
-    evaluation("passkey, 12 per length, YaRN fine-tuned", "passkey12-yarn.json", "eval_passkey.py",
-               *fine_tuned("yarn"), *PASSKEY_12, reads="yarn"),
 ]
-RUNS = {"yarn": "YaRN s=4", "pi": "PI s=4", "ntk": "NTK-aware s=4", "yarn-pose": "YaRN + PoSE s=4"}
+RUNS = {"yarn": "YaRN s=4", "pi": "PI s=4", "ntk": "NTK-aware s=4", "yarn-pose": "YaRN + PoSE s=4",
+        "yarn-again": "YaRN s=4, again (compiled)"}
 
 
 def run_steps():
@@ -134,14 +138,10 @@ def run_step(step):
     print(f"running: {step['name']}: python {shlex.join(step['command'])}", flush=True)
     if subprocess.run([sys.executable, *step["command"]]).returncode:
         raise ValueError(f"step '{step['name']}' failed; fix what it says, then run the study again to continue")
-    if "run" in step:  # keep the record of the run beside the reports; a fine-tune made again (its checkpoint was
-        # on another machine) keeps the first record, which the reports made before it read, and adds RESULTS/<run>-again
-        record = RESULTS / step["run"]
-        if (record / "log.jsonl").exists():
-            record = RESULTS / f"{step['run']}-again"
-        record.mkdir(parents=True, exist_ok=True)
+    if "run" in step:  # keep the record of the run beside the reports
+        (RESULTS / step["run"]).mkdir(parents=True, exist_ok=True)
         for name in ("run.json", "log.jsonl"):
-            shutil.copy(OUT / step["run"] / name, record / name)
+            shutil.copy(OUT / step["run"] / name, RESULTS / step["run"] / name)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -195,7 +195,8 @@ def cost(run):
 
 
 def again(run):
-    """A fine-tune made twice (same command, seed and data; later code, another machine): how far its losses moved."""
+    """A fine-tune made twice (same recipe, seed and data; later code, compiled, another machine): how far its losses
+    moved."""
     first, second = run_log(run), run_log(f"{run}-again")
     return {"cost": cost(f"{run}-again"), "max_loss_difference": max(abs(a["loss"] - b["loss"]) for a, b in zip(first, second)),
             "final_losses": [first[-1]["loss"], second[-1]["loss"]]}
@@ -210,7 +211,7 @@ def report():
         "commands": [f"python {shlex.join(step['command'])}" for step in STEPS],
         "data": {"fine-tune": TRAIN, "held-out": HELD_OUT}, "reports": str(RESULTS),
         "runs": {run: {"settings": load(f"{run}/run.json"), "cost": cost(run), "log": run_log(run)} for run in runs},
-        "made_again": {run: again(run) for run in runs if run_log(f"{run}-again")},
+        "made_again": {run: again(run) for run in runs if f"{run}-again" in runs},
         "perplexity": {"lengths": LENGTHS, "models": {model: evals[file]["perplexity"][label] for model, (file, label)
                                                       in PPL_ROWS.items() if evals[file]},
                        "dtypes": {model: evals[file]["settings"]["dtype"] for model, (file, _) in PPL_ROWS.items()
