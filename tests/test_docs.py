@@ -93,8 +93,15 @@ def test_the_fine_tuning_tables_are_what_the_study_wrote():
         by_length = finetune["passkey"][row[0]]
         assert [numbers(cell)[:2] for cell in row[1:]] == [[by_length[L]["correct"], by_length[L]["trials"]]
                                                           for L in by_length], row
+    header, rows = markdown_table(STUDY, "| model (passkey: right / trials, 95% Wilson interval) |")
+    assert [row[0] for row in rows] == list(finetune["passkey_12"])
+    for row in rows:
+        cells = finetune["passkey_12"][row[0]].values()
+        assert [numbers(cell.replace("-", " ")) for cell in row[1:]] == \
+               [[c["correct"], c["trials"], round(100 * c["wilson_95"][0]), round(100 * c["wilson_95"][1])]
+                for c in cells], row
     assert list(finetune["runs"])[:3] == ["yarn", "pi", "ntk"] and set(finetune["runs"]) <= {"yarn", "pi", "ntk",
-                                                                                              "yarn-pose"}
+                                                                                              "yarn-pose", "yarn-again"}
     for run in finetune["runs"].values():  # every finished run, each step of it
         assert [r["step"] for r in run["log"]] == list(range(1, run["settings"]["steps"] + 1))
     header, rows = markdown_table(STUDY, "| fine-tune | wall time |")

@@ -162,7 +162,10 @@ def passkey_by_length(report):
     (trials,) = report["trials"].values()
     counts = {L: (sum(t["correct"] for cell in by_depth.values() for t in cell), sum(map(len, by_depth.values())))
               for L, by_depth in trials.items()}
-    return {L: {"correct": k, "trials": n, "wilson_95": wilson(k, n)} for L, (k, n) in counts.items()}
+    by_depth = {L: {depth: sum(t["correct"] for t in cell) for depth, cell in cells.items()}
+                for L, cells in trials.items()}
+    return {L: {"correct": k, "trials": n, "wilson_95": wilson(k, n), "correct_by_depth": by_depth[L]}
+            for L, (k, n) in counts.items()}
 
 
 PPL_ROWS = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"),
@@ -256,6 +259,13 @@ def markdown(finetune, temperature):
                                                            f"{100 * c['wilson_95'][1]:.0f}%)") * (key != "passkey")
                      for c in by_length.values()]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if finetune["passkey_12"]:  # the same trials, per depth: how much of a cell's result is its depth, not its keys
+        depths = next(iter(next(iter(finetune["passkey_12"].values())).values()))["correct_by_depth"]
+        lines += ["", f"| model (passkey: right of 4 at depth {' · '.join(depths)}) | "
+                  + " | ".join(f"{int(L):,}" for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for model, by_length in finetune["passkey_12"].items():
+            lines.append(f"| {model} | " + " | ".join(" · ".join(map(str, c["correct_by_depth"].values()))
+                                                      for c in by_length.values()) + " |")
     lines += ["", "| fine-tune | wall time | median tokens/s | peak memory |", "|---|---|---|---|"]
     for run, r in finetune["runs"].items():
         peak = r["cost"]["peak_memory_bytes"]
