@@ -157,15 +157,16 @@ def run_log(run):
 
 
 def passkey_by_length(report):
-    """{length: {"correct", "trials", "wilson_95"}} over every depth of the one configuration in an eval_passkey.py
-    report."""
+    """{length: {"correct", "trials", "wilson_95", "correct_by_depth"}} over every depth of the one configuration in
+    an eval_passkey.py report."""
     (trials,) = report["trials"].values()
-    counts = {L: (sum(t["correct"] for cell in by_depth.values() for t in cell), sum(map(len, by_depth.values())))
-              for L, by_depth in trials.items()}
-    by_depth = {L: {depth: sum(t["correct"] for t in cell) for depth, cell in cells.items()}
-                for L, cells in trials.items()}
-    return {L: {"correct": k, "trials": n, "wilson_95": wilson(k, n), "correct_by_depth": by_depth[L]}
-            for L, (k, n) in counts.items()}
+    return {L: passkey_counts(by_depth) for L, by_depth in trials.items()}
+
+
+def passkey_counts(by_depth):
+    correct = {depth: sum(t["correct"] for t in cell) for depth, cell in by_depth.items()}
+    k, n = sum(correct.values()), sum(map(len, by_depth.values()))
+    return {"correct": k, "trials": n, "wilson_95": wilson(k, n), "correct_by_depth": correct}
 
 
 PPL_ROWS = {"plain RoPE, no fine-tune": ("ppl-base.json", "default"),
@@ -201,7 +202,7 @@ def again(run):
     """A fine-tune made twice (same recipe, seed and data; later code, compiled, another machine): how far its losses
     moved."""
     first, second = run_log(run), run_log(f"{run}-again")
-    return {"cost": cost(f"{run}-again"), "max_loss_difference": max(abs(a["loss"] - b["loss"]) for a, b in zip(first, second)),
+    return {"max_loss_difference": max(abs(a["loss"] - b["loss"]) for a, b in zip(first, second)),
             "final_losses": [first[-1]["loss"], second[-1]["loss"]]}
 
 
