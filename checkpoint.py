@@ -19,7 +19,6 @@ previous checkpoint as `latest`. Nothing in a run folder is trusted when it is r
 """
 import dataclasses
 import fcntl
-import io
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from torch.distributed.checkpoint._traverse import set_element  # what DefaultLo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from common import read_json_object, remove, write_atomic, write_json
+from common import ctrl_c_held, read_json_object, remove, write_atomic, write_json
 from model import Llama, LlamaConfig
 
 LAYOUT_KEYS = ("n_heads", "n_kv_heads", "head_dim")  # recorded in model.safetensors' metadata
@@ -213,37 +212,35 @@ def rng_states():
 
 def save_checkpoint(out_dir, step, model, optimizer, meta, keep):
     """Sharded checkpoint (torch.distributed.checkpoint: every rank writes its own shards, nothing is gathered)
-    written into step_N.tmp and renamed to step_N once complete; then `latest` is replaced to name it."""
-    rank, tmp, final = dist.get_rank(), out_dir / f"step_{step}.tmp", out_dir / f"step_{step}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-    dist.barrier()
-    try:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        # serialized in memory, then written by Python: torch.save into a file turns a Ctrl-C during its writes
-        # into a RuntimeError ("unexpected pos"), which would read as a full disk
-        buffer = io.BytesIO()
-        torch.save(rng_states(), buffer)
-        (tmp / f"rng_{rank}.pt").write_bytes(buffer.getvalue())
-    except (dcp.api.CheckpointException, RuntimeError, OSError) as e:  # a full disk, most often, which torch.save
-        free = shutil.disk_usage(out_dir).free / 2 ** 20  # reports as "unexpected pos": say how much room was left
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(cause(e), KeyboardInterrupt):  # Ctrl-C during the write, which dcp wraps like any error
-            raise KeyboardInterrupt from None
-        raise OSError(f"cannot write checkpoint {tmp} ({first_line(e)}); {free:.0f} MiB free on its disk") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dist.barrier()
-    if rank == 0:
-        write_json(tmp / "meta.json", meta)
-        shutil.rmtree(final, ignore_errors=True)  # the same step, redone after a crash before `latest` moved
-        os.replace(tmp, final)
-        write_atomic(out_dir / "latest", lambda path: path.write_text(final.name))
-        for old in step_dirs(out_dir)[:-keep] if keep else []:
-            shutil.rmtree(old)
-    dist.barrier()
+    written into step_N.tmp and renamed to step_N once complete; then `latest` is replaced to name it. A Ctrl-C
+    meanwhile takes effect once the checkpoint is complete."""
+    with ctrl_c_held() as pressed:
+        rank, tmp, final = dist.get_rank(), out_dir / f"step_{step}.tmp", out_dir / f"step_{step}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        dist.barrier()
+        try:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+            torch.save(rng_states(), tmp / f"rng_{rank}.pt")
+        except (dcp.api.CheckpointException, RuntimeError, OSError) as e:  # a full disk, most often, which
+            free = shutil.disk_usage(out_dir).free / 2 ** 20  # torch.save reports as "unexpected pos"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if pressed:  # a second Ctrl-C, which dcp and torch.save turn into errors of their own
+                raise KeyboardInterrupt from None
+            raise OSError(f"cannot write checkpoint {tmp} ({first_line(e)}); {free:.0f} MiB free on its disk") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        dist.barrier()
+        if rank == 0:
+            write_json(tmp / "meta.json", meta)
+            shutil.rmtree(final, ignore_errors=True)  # the same step, redone after a crash before `latest` moved
+            os.replace(tmp, final)
+            write_atomic(out_dir / "latest", lambda path: path.write_text(final.name))
+            for old in step_dirs(out_dir)[:-keep] if keep else []:
+                shutil.rmtree(old)
+        dist.barrier()
 
 
 def cause(e):

@@ -2,14 +2,17 @@
 numbers), the compute dtype and why it was chosen, measurements of the machine (model FLOPs, the matmul peak, peak
 memory), FSDP2 sharding, and the evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -264,6 +267,30 @@ def cli(main):
         sys.exit(130)
     except (ValueError, OSError) as e:
         sys.exit(f"{prog}: error: {e}")
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C until the block ends, then raise it: a checkpoint interrupted halfway is a checkpoint lost (and
+    torch.save turns the interrupt into an "unexpected pos" RuntimeError). A second Ctrl-C stops at once. Yields the
+    list of presses, for an except clause inside the block to tell an interrupt from a failure."""
+    pressed = []
+
+    def press(signum, frame):
+        pressed.append(signum)
+        if len(pressed) > 1:
+            raise KeyboardInterrupt
+
+    holding = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where Ctrl-C is ignored (nohup, &)
+    old = signal.signal(signal.SIGINT, press) if holding else None
+    try:
+        yield pressed
+    finally:
+        if holding:
+            signal.signal(signal.SIGINT, old)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- dtype and the machine

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tools import assets
 from tools import memory_plan
+from common import ctrl_c_held
 from conftest import ROOT, one_error_line, run_script, sigint_as_ctrl_c, snapshot, tiny_llama
 from model import Llama
 from tokenizer import Tokenizer
@@ -368,6 +369,23 @@ def test_ctrl_c_is_one_line_and_exit_130(setup, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "train.py: interrupted", err
     assert "Traceback" not in err and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_ctrl_c_while_checkpointing_waits_for_the_checkpoint():
+    """A Ctrl-C during save_checkpoint is held until the block ends (the test above presses it at a random point,
+    this one inside the block); a second press stops at once; Ctrl-C is the same as before afterwards."""
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held() as pressed:
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append(list(pressed))
+    assert reached == [[signal.SIGINT]] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the second press")
+    assert len(reached) == 1
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(setup, tmp_path):
