@@ -44,13 +44,13 @@ def write_hf_llama(path, rope_parameters=None, n_kv_heads=2, tie=False, max_posi
 
 
 def tiny_llama(rope_scaling=None, vocab_size=258, seed=0, n_layers=2, max_position_embeddings=64, **kw):
-    """A random tiny Llama of ours (GQA, tied), with norms away from 1 and small weights."""
+    """A random tiny Llama of ours (GQA, tied unless told), with norms away from 1 and small weights."""
     from model import Llama, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=vocab_size,
                       max_position_embeddings=max_position_embeddings, rope_scaling=rope_scaling,
-                      tie_word_embeddings=True, **kw)
+                      **{"tie_word_embeddings": True, **kw})
     model = Llama(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
