@@ -1,6 +1,7 @@
 """What the scripts share: files written atomically, reading documents, the command line (one-line errors, checked
-numbers), the compute dtype and why it was chosen, measurements of the machine (model FLOPs, the matmul peak, peak
-memory), FSDP2 sharding, and the evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
+numbers, Ctrl-C held while a checkpoint is written), the compute dtype and why it was chosen, measurements of the
+machine (model FLOPs, the matmul peak, peak memory), FSDP2 sharding, and the evaluations' command line (--checkpoint,
+--rope, --scale, the layer progress bar)."""
 import argparse
 import contextlib
 import json
