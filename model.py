@@ -110,6 +110,8 @@ class Attention(nn.Module):
             k = rope.apply_rotary(k, *here).transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(pos, k, v)
+        if torch.is_grad_enabled():  # training: SDPA's CPU backward is ~9% faster on contiguous q, k, v
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = None
         if 1 < T < k.size(2):  # a chunk after cached tokens: causal mask aligned to the bottom right
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)

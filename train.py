@@ -50,8 +50,8 @@ import rope
 from checkpoint import (RunFolderLock, check_out_dir, copy_tokenizer, load_config, load_model, open_run_folder, resume,
                         save_checkpoint, save_model, weights_dtype)
 from common import (DEFAULT_CHECKPOINT, ArgumentParser, add_dtype_arg, check_not_an_input, cli, compute_dtype,
-                    document_files, dtype_reason, is_within, matmul_peak, model_flops, number, peak_memory,
-                    read_documents, shard, write_atomic, write_dir_atomic)
+                    document_files, dtype_reason, is_within, keep_freed_memory, matmul_peak, model_flops, number,
+                    peak_memory, read_documents, shard, write_atomic, write_dir_atomic)
 from model import Llama
 from tools import assets
 from tokenizer import Tokenizer
@@ -449,6 +449,7 @@ def main(argv=None):
         # stops the others (waiting for rank 0 at the rendezvous below) when rank 0 exits
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     lock = RunFolderLock(Path(args.out_dir)) if rank == 0 else None  # one run per --out-dir, for the run's life
+    keep_freed_memory()  # every step frees and allocates the same big tensors again: no page faults for them
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ:  # torchrun
         if cuda:

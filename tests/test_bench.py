@@ -102,3 +102,21 @@ def test_profile_splits_our_scoring_time_into_groups(tiny, tmp_path):
     (profile,) = json.loads((tmp_path / "p.json").read_text())["profiles"]
     assert profile["share"].keys() == {"attention", "matmuls", "loss", "rest"}
     assert math.isclose(sum(profile["share"].values()), 1) and min(profile["share"].values()) > 0
+
+
+def test_training_keeps_freed_memory_for_the_next_tensor():
+    """common.keep_freed_memory (train.py runs it): a tensor above glibc's 32 MB mmap threshold comes from the heap,
+    which is never shrunk, so the next step's tensors reuse its memory without page faults, where by default it gets
+    a mapping of its own, unmapped when freed. In a fresh process: the setting lasts as long as the process."""
+    code = """if True:
+        import torch, common
+        def in_heap(t):
+            spans = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+            return any(int(a, 16) <= t.data_ptr() < int(b, 16) for a, b in spans)
+        before = in_heap(torch.empty(64 << 20, dtype=torch.uint8))
+        common.keep_freed_memory()
+        print(before, in_heap(torch.empty(64 << 20, dtype=torch.uint8)))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bench_env(), check=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+    assert "keep_freed_memory()" in (ROOT / "train.py").read_text()
