@@ -1,7 +1,7 @@
 """What the scripts share: files written atomically, reading documents, the command line (one-line errors, checked
-numbers, Ctrl-C held while a checkpoint is written), the compute dtype and why it was chosen, measurements of
-the machine (model FLOPs, the matmul peak, peak memory, keeping freed memory for training), FSDP2 sharding, and the
-evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
+numbers, Ctrl-C held while a checkpoint is written), glibc told to keep freed memory (training), the compute dtype
+and why it was chosen, measurements of the machine (model FLOPs, the matmul peak, peak memory), FSDP2 sharding, and
+the evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
 import argparse
 import contextlib
 import ctypes
@@ -277,10 +277,10 @@ def keep_freed_memory():
     one pays a page fault per 4 KiB it touches, and a training step allocates the same big tensors again every step
     (the study's step ran ~10% slower for it on the 2-core VM: docs/performance.md). M_MMAP_MAX = 0: no separate
     mappings; M_TRIM_THRESHOLD = -1: never shrink the heap. train.py's choice, not the evaluations': in one heap the
-    small tensors allocated between big ones can fragment it (a 16k scoring pass held 4 GB instead of 1.2 in half
-    the runs). Nothing to do where the C library is not glibc."""
-    libc = ctypes.CDLL(None)
-    if sys.platform == "linux" and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+    small tensors allocated between big ones can fragment it (a 16k scoring pass held 4 GB instead of 1.2 in 7 of
+    10 runs). Nothing to do where the C library is not glibc."""
+    libc = ctypes.CDLL(None) if sys.platform == "linux" else None  # CDLL(None): the C library this process runs on
+    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         libc.mallopt(M_MMAP_MAX, 0)
         libc.mallopt(M_TRIM_THRESHOLD, -1)
