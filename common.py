@@ -1,6 +1,6 @@
 """What the scripts share: files written atomically, reading documents, the command line (one-line errors, checked
-numbers, Ctrl-C held while a checkpoint is written), glibc told to keep freed memory (training), the compute dtype
-and why it was chosen, measurements of the machine (model FLOPs, the matmul peak, peak memory), FSDP2 sharding, and
+numbers, Ctrl-C held while a checkpoint is written), glibc told to keep freed memory, the compute dtype and why it was
+chosen, measurements of the machine (model FLOPs, the matmul peak, peak memory), FSDP2 sharding, and
 the evaluations' command line (--checkpoint, --rope, --scale, the layer progress bar)."""
 import argparse
 import contextlib
@@ -271,18 +271,29 @@ def cli(main):
         sys.exit(f"{prog}: error: {e}")
 
 
-def keep_freed_memory():
+# bytes: a 16k window's [T, dim] activations in fp32 (38 MB) and [T, hidden_dim] in bf16 (50 MB), not its fp32
+# [T, hidden_dim] (100 MB) or logits chunks (100-200 MB): 128 MB scored 16k in fp32 ~5% faster, but held up to 2.0 GiB
+# where 64 MB held 1.7 (docs/performance.md)
+EVALUATION_REUSES_UP_TO = 64 << 20
+
+
+def keep_freed_memory(up_to=None):
     """Tell glibc's malloc to keep the memory torch frees, for the next tensor: by default a tensor of more than
-    32 MB (a chunk of logits, an activation of a long sequence) is mapped afresh and given back when freed, so each
-    one pays a page fault per 4 KiB it touches, and a training step allocates the same big tensors again every step
-    (the study's step ran ~10% slower for it on the 2-core VM: docs/performance.md). M_MMAP_MAX = 0: no separate
-    mappings; M_TRIM_THRESHOLD = -1: never shrink the heap. train.py's choice, not the evaluations': in one heap the
-    small tensors allocated between big ones can fragment it (a 16k scoring pass held 4 GB instead of 1.2 in 7 of
-    10 runs). Nothing to do where the C library is not glibc."""
+    32 MB (a chunk of logits, any activation of a 16k sequence) is mapped afresh and given back when freed, so each
+    one pays a page fault per 4 KiB it touches, and every training step or window allocates the same big tensors
+    again (on the 2-core VM ~10% of the study's training step, 6-15% of a 16k scoring pass: docs/performance.md).
+    M_TRIM_THRESHOLD = -1: never shrink the heap. up_to=None (train.py): every tensor from the heap (M_MMAP_MAX = 0);
+    up_to=N bytes (the evaluations, EVALUATION_REUSES_UP_TO): up to N from the heap, bigger ones mapped afresh
+    (M_MMAP_THRESHOLD), since the 200 MB logits chunks of a scoring pass, in one heap with the small tensors between
+    them, fragmented it (a 16k pass held 4 GB instead of 1.2 in 7 of 10 runs). Nothing to do where the C library is
+    not glibc."""
     libc = ctypes.CDLL(None) if sys.platform == "linux" else None  # CDLL(None): the C library this process runs on
     if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        libc.mallopt(M_MMAP_MAX, 0)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+        if up_to is None:
+            libc.mallopt(M_MMAP_MAX, 0)
+        else:
+            libc.mallopt(M_MMAP_THRESHOLD, up_to)
         libc.mallopt(M_TRIM_THRESHOLD, -1)
 
 

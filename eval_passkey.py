@@ -25,8 +25,9 @@ import time
 import torch
 
 import rope
-from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, default_device, dtype_reason,
-                    load_evaluated, memory_capacity, number, parse_rope_args, peak_memory, save_plot, write_json)
+from common import (EVALUATION_REUSES_UP_TO, ArgumentParser, LayerProgress, add_model_args, check_outputs, cli,
+                    default_device, dtype_reason, keep_freed_memory, load_evaluated, memory_capacity, number,
+                    parse_rope_args, peak_memory, save_plot, write_json)
 from model import Decoder
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -219,6 +220,7 @@ def main(argv=None):
     parsed_rope = parse_rope_args(args.rope)
     check_outputs(args, [("--checkpoint", args.checkpoint)])
     print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
+    keep_freed_memory(EVALUATION_REUSES_UP_TO)  # every prompt allocates the same big tensors: no page faults for them
     start = time.time()
     model, tok, methods = load_evaluated(args, parsed_rope)
     check_lengths_fit(lengths, model)

@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 import rope
-from common import (ArgumentParser, LayerProgress, add_model_args, check_outputs, cli, compile_blocks,
-                    default_device, document_files, dtype_reason, exp_or_inf, load_evaluated, null_nonfinite, number,
-                    parse_rope_args, peak_memory, read_documents, save_plot, write_json)
+from common import (EVALUATION_REUSES_UP_TO, ArgumentParser, LayerProgress, add_model_args, check_outputs, cli,
+                    compile_blocks, default_device, document_files, dtype_reason, exp_or_inf, keep_freed_memory,
+                    load_evaluated, null_nonfinite, number, parse_rope_args, peak_memory, read_documents, save_plot,
+                    write_json)
 
 # ----------------------------------------------------------------------------- the method: the two protocols
 
@@ -246,6 +247,7 @@ def main(argv=None):
     check_outputs(args, [("--checkpoint", args.checkpoint),
                          *(("--data", path) for path in args.data or assets.HELD_OUT_BOOKS)])
     print(f"dtype: {dtype_reason(args.dtype, default_device())}", flush=True)
+    keep_freed_memory(EVALUATION_REUSES_UP_TO)  # every window allocates the same big tensors: no page faults for them
     start = time.time()
     if args.data is None:
         assets.ensure_books()

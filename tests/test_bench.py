@@ -104,19 +104,51 @@ def test_profile_splits_our_scoring_time_into_groups(tiny, tmp_path):
     assert math.isclose(sum(profile["share"].values()), 1) and min(profile["share"].values()) > 0
 
 
-def test_training_keeps_freed_memory_for_the_next_tensor():
-    """common.keep_freed_memory (train.py runs it): a tensor above glibc's 32 MB mmap threshold comes from the heap,
-    which is never shrunk, so the next step's tensors reuse its memory without page faults, where by default it gets
-    a mapping of its own, unmapped when freed. In a fresh process: the setting lasts as long as the process."""
-    code = """if True:
+@pytest.mark.parametrize("up_to, after", [("None", "True True"), ("common.EVALUATION_REUSES_UP_TO", "True False")])
+def test_scripts_keep_freed_memory_for_the_next_tensor(up_to, after):
+    """common.keep_freed_memory: tensors above glibc's 32 MB mmap threshold come from the heap, which is never shrunk,
+    so the next step's or window's tensors reuse its memory without page faults, where by default each gets a
+    mapping of its own, unmapped when freed: every tensor for train.py, those up to 64 MB for the evaluations (48 MB
+    here, not 96). In a fresh process: the setting lasts as long as the process."""
+    code = f"""if True:
         import torch, common
         def in_heap(t):
             spans = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
             return any(int(a, 16) <= t.data_ptr() < int(b, 16) for a, b in spans)
-        before = in_heap(torch.empty(64 << 20, dtype=torch.uint8))
-        common.keep_freed_memory()
-        print(before, in_heap(torch.empty(64 << 20, dtype=torch.uint8)))
+        new = lambda mb: torch.empty(mb << 20, dtype=torch.uint8)
+        before = in_heap(new(48)), in_heap(new(96))
+        common.keep_freed_memory({up_to})
+        print(*before, in_heap(new(48)), in_heap(new(96)))
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bench_env(), check=True)
-    assert out.stdout.split() == ["False", "True"], out.stderr
+    assert out.stdout.split() == ["False", "False", *after.split()], out.stderr
     assert "keep_freed_memory()" in (ROOT / "train.py").read_text()
+    for script in ("eval_ppl.py", "eval_passkey.py"):
+        assert "keep_freed_memory(EVALUATION_REUSES_UP_TO)" in (ROOT / script).read_text()
+
+
+def test_one_side_at_a_time_never_holds_both_processes(tiny, monkeypatch):
+    """--one-side-at-a-time, for cases whose two processes do not fit in memory together: each side's worker exits
+    before the other's starts; by default both stay alive, their timed runs alternated."""
+    from checkpoint import load_config
+    from tools import bench
+
+    started, alive_at_start = [], []
+
+    class RecordedWorker(bench.Worker):
+        def __init__(self, job):
+            alive_at_start.append(sum(w.proc.is_alive() for w in started))
+            super().__init__(job)
+            started.append(self)
+
+    monkeypatch.setattr(bench, "Worker", RecordedWorker)
+    job = {"side": "ours", "case": "score", "tokens": 64, "new_tokens": 0, "path": str(tiny / "ours"), "threads": 1,
+           "device": "cpu", "mode": "float32", "vocab_size": load_config(tiny / "ours").vocab_size,
+           "rope_scaling": None, "dynamic_cache": "pre-rope", "compile": False, "keep_freed_memory": False}
+    jobs = {"ours": job, "hf": job | {"side": "hf", "path": str(tiny / "hf")}}
+    for one_side_at_a_time, expected in ((True, [0, 0]), (False, [0, 1])):
+        alive_at_start.clear()
+        out = bench.measure(jobs, 2, one_side_at_a_time)
+        assert alive_at_start == expected
+        assert [len(out[side]["runs"]) for side in ("ours", "hf")] == [2, 2]
+        assert min(out[side][key] for side in out for key in ("seconds", "peak_memory_bytes")) > 0

@@ -19,10 +19,11 @@ fp32 weights under torch.autocast(bfloat16) on both sides.
 Each case of each side runs in its own fresh process, so that its peak memory is its own: peak RSS of that process on
 CPU (absolute: weights, inputs, framework and compute together, nothing subtracted), torch.cuda.max_memory_allocated
 on CUDA. Each process does one warm-up run (full size up to 4096 tokens), then the timed runs, ours and HF's
-alternated so that other load on the machine hits both alike; figures are medians. MFU is model FLOPs
+alternated so that other load on the machine hits both alike (with --one-side-at-a-time, ours then HF's, for cases
+whose two processes do not fit in memory together); figures are medians. MFU is model FLOPs
 (common.model_flops) per second over the best of several 2048x2048 matmuls of the compute dtype on the same machine.
-Our training step keeps freed memory for reuse, as train.py does (common.keep_freed_memory); HF's runs with
-glibc's defaults, as transformers does, unless --hf-keeps-freed-memory.
+Our side keeps freed memory for reuse as our scripts do (common.keep_freed_memory: train.py every tensor, the
+evaluations those up to 64 MB); HF's runs with glibc's defaults, as transformers does, unless --hf-keeps-freed-memory.
 The HF side loads the GGUF once (transformers needs the `gguf` package for that) and saves it as an HF directory for
 its processes; without transformers installed, or with --no-hf, only our side runs.
 """
@@ -38,9 +39,9 @@ from pathlib import Path
 import torch
 
 from tools import assets
-from common import (DEFAULT_CHECKPOINT, model_flops, ArgumentParser, check_not_an_input, check_output_file, cli, clock,
-                    compile_blocks, default_device, keep_freed_memory, matmul_peak, native_bf16, number, peak_memory,
-                    shard, write_json)
+from common import (DEFAULT_CHECKPOINT, EVALUATION_REUSES_UP_TO, ArgumentParser, check_not_an_input,
+                    check_output_file, cli, clock, compile_blocks, default_device, keep_freed_memory, matmul_peak,
+                    model_flops, native_bf16, number, peak_memory, shard, write_json)
 from checkpoint import load_config, load_model
 
 FULL = {"score": [1024, 2048, 4096, 8192, 16384], "train": [1024, 2048], "decode": [2048, 64]}
@@ -141,8 +142,8 @@ def warmup_length(tokens):
 def worker(conn, job):
     """Load one side, warm up once, then answer each "run" from the driver with that run's timings."""
     try:
-        if job["keep_freed_memory"]:  # our training step, as train.py; HF's with --hf-keeps-freed-memory
-            keep_freed_memory()
+        if job["keep_freed_memory"]:  # our side, as our scripts do; HF's with --hf-keeps-freed-memory
+            keep_freed_memory(None if job["case"] == "train" else EVALUATION_REUSES_UP_TO)
         torch.set_num_threads(job["threads"])
         device, train = torch.device(job["device"]), job["case"] == "train"
         model = load(job["side"], job["path"], job["mode"], device, train, job["rope_scaling"], job["compile"])
@@ -212,9 +213,13 @@ class Worker:
 
 # ---- the driver ----
 
-def measure(jobs, repeats):
+def measure(jobs, repeats, one_side_at_a_time=False):
     """Start one worker per side (one after the other, so the warm-ups do not overlap), alternate their timed runs,
-    and return per side the medians of the timings and the process's peak memory."""
+    and return per side the medians of the timings and the process's peak memory. one_side_at_a_time: each side's
+    worker runs all its repeats and exits before the next one starts, for cases whose two processes do not fit in
+    memory together (not alternated, so load on the machine may fall on one side only)."""
+    if one_side_at_a_time:
+        return {side: measure({side: job}, repeats)[side] for side, job in jobs.items()}
     workers = {side: Worker(job) for side, job in jobs.items()}
     runs = {side: [] for side in jobs}
     for r in range(repeats):
@@ -346,8 +351,10 @@ def get_args(argv=None):
                    help="decoding with a dynamic variant: keys cached before RoPE (default), or recompute")
     p.add_argument("--compile", action="store_true", help="our side's blocks torch.compiled for score and train "
                    "(eval_ppl.py --compile, train.py --compile); decoding stays eager")
-    p.add_argument("--hf-keeps-freed-memory", action="store_true", help="HF's training step keeps freed memory "
-                   "for reuse as ours does (common.keep_freed_memory), to compare the models alone")
+    p.add_argument("--hf-keeps-freed-memory", action="store_true", help="HF's runs keep freed memory "
+                   "for reuse as ours do (common.keep_freed_memory), to compare the models alone")
+    p.add_argument("--one-side-at-a-time", action="store_true", help="run our side's timed runs, then HF's, "
+                   "instead of alternating them in two live processes (for cases too big for both in memory)")
     p.add_argument("--profile", type=number(int, min=2), nargs="+", metavar="T", help="instead of the comparison: "
                    "where our scoring time goes at these lengths, per mode (torch.profiler)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="compute modes (default: float32, and bfloat16 on CUDA "
@@ -395,10 +402,9 @@ def compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine):
                                "vocab_size": cfg.vocab_size, "rope_scaling": args.rope,
                                "dynamic_cache": args.dynamic_cache,
                                "compile": args.compile and side == "ours" and case != "decode",
-                               "keep_freed_memory": case == "train" and (side == "ours" or
-                                                                         args.hf_keeps_freed_memory)}
+                               "keep_freed_memory": side == "ours" or args.hf_keeps_freed_memory}
                         for side, path in paths.items()}
-                result[mode] = measure(jobs, repeats)
+                result[mode] = measure(jobs, repeats, args.one_side_at_a_time)
             results.append(result)
 
     # the peak again, at the end: other load on the machine may have lowered the first measurement
@@ -448,7 +454,7 @@ def main(argv=None):
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
                "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache, "compile": args.compile,
-               "hf_keeps_freed_memory": args.hf_keeps_freed_memory,
+               "hf_keeps_freed_memory": args.hf_keeps_freed_memory, "one_side_at_a_time": args.one_side_at_a_time,
                "native_bf16": native_bf16(), "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
     print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
