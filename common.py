@@ -327,9 +327,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def native_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch reports it."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch reports it, and torch runs its AVX-512
+    kernels (not when told to run as an AVX2 machine: ATEN_CPU_CAPABILITY=avx2, see docs/performance.md)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return kernels == "AVX512" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def compute_dtype(name, device):
@@ -417,6 +419,12 @@ def compile_blocks(model):
     """torch.compile each transformer block: inductor fuses the elementwise work around the matmuls and attention
     (RMSNorm, the rotation, SwiGLU) into a few loops. Each block is wrapped, so hooks on model.layers (FSDP2's, the
     progress bar's) stay outside the compiled graphs."""
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        # torch 2.13 caches compiled graphs across runs without noting the kernels (AVX-512, AVX2) they were made for:
+        # a graph cached by a plain run, reused with ATEN_CPU_CAPABILITY=avx2 (docs/performance.md), computed NaN
+        from torch._functorch import config as autograd_config
+        from torch._inductor import config as inductor_config
+        inductor_config.fx_graph_cache = autograd_config.enable_autograd_cache = False
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block)
 

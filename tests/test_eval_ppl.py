@@ -3,6 +3,7 @@ mode against separate passes, the progress bar that moves within a pass, and bad
 evaluations' shared command line in common.py)."""
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,27 @@ def test_compiled_blocks_score_as_the_eager_model(tiny):
     assert want["yarn"][199] != want["linear"][199]
 
 
+COMPILED_MINUS_EAGER = """
+import sys, torch, common
+from checkpoint import load_model
+eager, compiled = load_model(sys.argv[1]), load_model(sys.argv[1])
+common.compile_blocks(compiled)
+x = torch.randint(0, int(sys.argv[2]), (1, 65), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    print(float((compiled.nll(x[:, :-1], x[:, 1:]) - eager.nll(x[:, :-1], x[:, 1:])).abs().max()))
+"""
+
+
+def test_compiled_blocks_keep_to_the_kernels_torch_runs(tiny, tmp_path):
+    """A compile with torch's own kernels, then one told to run as an AVX2 machine (ATEN_CPU_CAPABILITY=avx2), with
+    the same default cache: each scores as the eager model (torch 2.13 served the first's graphs to the second: NaN)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "ATEN_CPU_CAPABILITY"))}
+    for kernels in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        result = subprocess.run([sys.executable, "-c", COMPILED_MINUS_EAGER, str(tiny[1]), str(VOCAB)], cwd=ROOT,
+                                capture_output=True, text=True, env={**env, "TMPDIR": str(tmp_path), **kernels})
+        assert result.returncode == 0 and float(result.stdout) < 1e-4, (kernels, result.stdout, result.stderr[-2000:])
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "dynamic-yarn"])
 def test_truncated_mode_runs_one_pass_per_length_for_dynamic_rope(tiny, rope_type):
     model = load_model(tiny[1])
@@ -194,6 +216,14 @@ def test_the_dtype_line_says_what_is_computed_and_why(monkeypatch, name, device,
     monkeypatch.setattr(common, "native_bf16", lambda: native)
     assert common.dtype_reason(name, device).startswith(expected)
     assert common.dtype_reason(name, device).split()[0] == str(common.compute_dtype(name, device))[len("torch."):]
+
+
+def test_auto_computes_in_fp32_where_torch_runs_avx2_kernels():
+    """ATEN_CPU_CAPABILITY=avx2 makes torch run as on an AVX2 machine (bf16 emulated), even on a CPU with AMX."""
+    line = "import common; print(common.dtype_reason('auto', 'cpu'))"
+    result = subprocess.run([sys.executable, "-c", line], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    assert result.stdout.startswith("float32 (--dtype auto: "), result.stderr
 
 
 @pytest.fixture

@@ -455,9 +455,10 @@ def main(argv=None):
                or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "modes": modes,
                "rope_scaling": args.rope, "dynamic_cache": args.dynamic_cache, "compile": args.compile,
                "hf_keeps_freed_memory": args.hf_keeps_freed_memory, "one_side_at_a_time": args.one_side_at_a_time,
-               "native_bf16": native_bf16(), "torch": torch.__version__,
+               "native_bf16": native_bf16(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+               "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
-    print(f"{machine['device']}, {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
+    print(f"{machine['device']} ({machine['cpu_kernels']} kernels), {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
           + (f", transformers {machine['transformers']}" if hf else ", our side only"))
     if args.profile:
         return profile(args, checkpoint, modes, device, machine)
