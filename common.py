@@ -354,7 +354,8 @@ def dtype_choice(name, device):
     if native_bf16():
         return torch.bfloat16, "--dtype auto: this CPU computes bf16 natively, AVX512-BF16/AMX"
     # without those instructions bf16 matmuls are converted to fp32 and back: slower than fp32 itself
-    return torch.float32, "--dtype auto: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is emulated and slow"
+    return torch.float32, ("--dtype auto: no native bf16 (AVX512-BF16/AMX) in this CPU or in the kernels torch runs, "
+                           "where bf16 is emulated and slow")
 
 
 def add_dtype_arg(parser):

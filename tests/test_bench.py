@@ -71,7 +71,7 @@ def test_quick_bench_against_transformers_writes_positive_finite_figures(tiny, t
 
 # bf16 is emulated, and ~40x slower than fp32, on CPUs without native bf16: there this test is skipped (and reported
 # as skipped, not passed); the fp32 test above is what every machine checks
-@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (no avx512_bf16 / AMX): bf16 bench not run")
+@pytest.mark.skipif(not native_bf16(), reason="no native bf16 in this CPU or torch's kernels: bf16 bench not run")
 def test_quick_bench_in_bf16_on_a_cpu_that_computes_it(tiny, tmp_path):
     proc = run_bench(tiny, tmp_path / "bench.json", ["bfloat16"])
     assert proc.returncode == 0, proc.stderr

@@ -210,7 +210,7 @@ def test_the_layer_bar_counts_every_block_of_every_pass(tiny, mode, scaling, len
     ("bfloat16", "cpu", False, "bfloat16 (--dtype bfloat16)"),
     ("auto", "cuda", False, "bfloat16 (--dtype auto: CUDA)"),
     ("auto", "cpu", True, "bfloat16 (--dtype auto: this CPU computes bf16 natively"),
-    ("auto", "cpu", False, "float32 (--dtype auto: this CPU has no native bf16"),
+    ("auto", "cpu", False, "float32 (--dtype auto: no native bf16"),
 ])
 def test_the_dtype_line_says_what_is_computed_and_why(monkeypatch, name, device, native, expected):
     monkeypatch.setattr(common, "native_bf16", lambda: native)
