@@ -458,8 +458,8 @@ def main(argv=None):
                "native_bf16": native_bf16(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
                "torch": torch.__version__,
                "transformers": transformers.__version__ if hf else None}
-    print(f"{machine['device']} ({machine['cpu_kernels']} kernels), {args.threads} threads, modes {' '.join(modes)}, torch {torch.__version__}"
-          + (f", transformers {machine['transformers']}" if hf else ", our side only"))
+    print(f"{machine['device']} ({machine['cpu_kernels']} kernels), {args.threads} threads, modes {' '.join(modes)}, "
+          f"torch {torch.__version__}" + (f", transformers {machine['transformers']}" if hf else ", our side only"))
     if args.profile:
         return profile(args, checkpoint, modes, device, machine)
     compare(args, cases, checkpoint, cfg, modes, device, hf, repeats, machine)
