@@ -19,7 +19,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
@@ -276,6 +275,8 @@ def meta_context_length(params):
 # --------------------------------------------------------------------------------------------------------- GGUF
 
 def read_gguf(src):
+    import gguf  # here, not at the top: only GGUF files need it (the GPU check's machine lacks it)
+
     try:
         reader = gguf.GGUFReader(src)
     except Exception as e:  # numpy/struct errors on a short or damaged file

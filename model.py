@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 import rope
@@ -113,8 +114,8 @@ class Attention(nn.Module):
         if torch.is_grad_enabled():  # training: SDPA's CPU backward is ~9% faster on contiguous q, k, v
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = None
-        if 1 < T < k.size(2):  # a chunk after cached tokens: causal mask aligned to the bottom right
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+        if 1 < T < k.size(2):  # a chunk after cached tokens: the causal mask aligned to the bottom right, which
+            mask = causal_lower_right(T, k.size(2))  # runs flash attention on CUDA (a tensor mask cannot, with GQA)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -122,3 +122,27 @@ def test_every_test_the_docs_name_exists():
     defined = {name for path in (ROOT / "tests").glob("test_*.py")
                for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     assert len(named) >= 15 and named <= defined, named - defined
+
+
+def test_the_gpu_tables_are_what_gpu_check_wrote():
+    """docs/performance.md's H200 tables: each row's tokens/s and ratio are those of the JSON its section names (the
+    compiled table's cells hold the two compiled runs, in order, where both measured the case)."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    runs = {name: json.loads((ROOT / "docs" / "speed" / f"gpu_check_{name}.json").read_text())["bench"]["results"]
+            for name in ("eager", "compiled", "compiled_32k")}
+
+    def measured(run, shape, case):
+        rows = [r for r in runs[run] if r["shape"] == shape and f"{r['case']} {r['tokens'] // 1024}k" == case.split("+")[0]]
+        key = "decode_tokens_per_s" if rows and rows[0]["case"] == "decode" else "tokens_per_s"
+        return [(r["ours"][key], r["hf"][key]) for r in rows if key in r["ours"] and key in r["hf"]]
+
+    for heading, names in (("### Eager, what the scripts run", ["eager"]),
+                           ("### Compiled: `--compile`", ["compiled", "compiled_32k"])):
+        _, rows = markdown_table(page, heading)
+        assert len(rows) >= 8
+        for shape, case, ours, hf, ratio, *_ in rows:
+            expected = [m for name in names for m in measured(name, shape, case)]
+            if "failed" in ours or "out of memory" in hf:
+                continue
+            assert list(zip(numbers(ours), numbers(hf))) == [(round(o), round(h)) for o, h in expected], (shape, case)
+            assert numbers(ratio) == [round(o / h, 2) for o, h in expected], (shape, case)

@@ -125,15 +125,20 @@ ALL_VARIANTS = {
 }
 
 
-def decode_and_recompute(variant, n_layers, dynamic_cache):
-    """20-token prompt, 40 new tokens: the length passes original_max_position_embeddings (32), and for
-    dynamic-yarn-finetuned also factor·L (48), where the dynamic scale starts to move. Returns the max abs
-    difference between the logits decoding used and those of a full forward pass over the same tokens."""
-    model = tiny_llama(ALL_VARIANTS[variant], vocab_size=320, n_layers=n_layers, max_position_embeddings=32)
+def sharpened_model(rope_scaling, n_layers, device="cpu"):
+    model = tiny_llama(rope_scaling, vocab_size=320, n_layers=n_layers, max_position_embeddings=32)
     with torch.no_grad():  # small random weights attend almost uniformly: sharpen attention so positions matter
         for block in model.layers:
             block.attention.wq.weight *= 30
-    prompt = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0))
+    return model.to(device)
+
+
+def decode_and_recompute(variant, n_layers, dynamic_cache, device="cpu"):
+    """variant: a name in ALL_VARIANTS, or a rope_scaling dict. 20-token prompt, 40 new tokens: the length passes original_max_position_embeddings (32), and for
+    dynamic-yarn-finetuned also factor·L (48), where the dynamic scale starts to move. Returns the max abs
+    difference between the logits decoding used and those of a full forward pass over the same tokens."""
+    model = sharpened_model(ALL_VARIANTS[variant] if isinstance(variant, str) else variant, n_layers, device)
+    prompt = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
     out, logits = model.generate(prompt, 40, return_logits=True, dynamic_cache=dynamic_cache)
     with torch.no_grad():
         recomputed = torch.stack([model(out[:, :t])[:, -1] for t in range(20, 60)], dim=1)
@@ -169,6 +174,24 @@ def test_static_variants_give_the_same_logits_from_a_cache_of_rotated_or_unrotat
             steps += [model.hidden(tokens[:, t:t + 1], cache, t)[:, -1] for t in range(30, 50)]
         logits[rotated] = torch.stack(steps)
     assert (logits[True] - logits[False]).abs().max() <= 1e-5
+
+
+def chunk_after_cache(variant, device="cpu", dtype=torch.float32):
+    """Max abs difference between the hidden states of tokens 30..49 run as one chunk after 30 cached tokens (the
+    causal mask aligned to the bottom right: a passkey prompt after its cached prefix) and those of one full pass."""
+    model = sharpened_model(ALL_VARIANTS[variant], 2, device).to(dtype)
+    tokens = torch.randint(0, 320, (2, 50), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = [KVCache(2, 50, 2, 16, dtype, device) for _ in model.layers]
+    with torch.no_grad():
+        model.hidden(tokens[:, :30], cache, 0)
+        chunk = model.hidden(tokens[:, 30:], cache, 30)
+        full = model.hidden(tokens)[:, 30:]
+    return (chunk.float() - full.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", ["default", "yarn"])
+def test_a_chunk_after_cached_tokens_equals_a_full_pass(variant):
+    assert chunk_after_cache(variant) <= 1e-5
 
 
 def test_generate_stops_at_eos_and_samples_only_from_the_top_k():
