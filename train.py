@@ -27,7 +27,7 @@ same code runs as `python train.py` (one process, CPU or one GPU), under `torchr
 
 --out-dir receives run.json (the arguments), log.jsonl (one line per step), step_N/ (sharded checkpoints of the
 model, optimizer, step, data position and RNG states; the newest --keep are kept), latest (the newest step_N's name),
-final/ (a checkpoint for Llama.from_pretrained whose config.json records the scaling, so evals need no flags), and
+final/ (a checkpoint for checkpoint.load_model whose config.json records the scaling, so evals need no flags), and
 hf/ (the same model for Hugging Face transformers, written by convert_llama.py).
 """
 import argparse

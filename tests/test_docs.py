@@ -4,6 +4,7 @@ nothing outside itself."""
 import json
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -146,3 +147,16 @@ def test_the_gpu_tables_are_what_gpu_check_wrote():
                 continue
             assert list(zip(numbers(ours), numbers(hf))) == [(round(o), round(h)) for o, h in expected], (shape, case)
             assert numbers(ratio) == [round(o / h, 2) for o, h in expected], (shape, case)
+
+
+def test_every_python_block_in_the_docs_runs():
+    """Each ```python block of README.md and docs/*.md, run as a reader would, from the repository root (the default
+    checkpoint converted first, as the quick start does): a renamed function cannot leave a stale example behind."""
+    from convert_llama import default_checkpoint
+
+    default_checkpoint()
+    blocks = [(path, block) for path, text in PAGES.items() for block in re.findall(r"```python\n(.*?)```", text, re.S)]
+    assert blocks
+    for path, block in blocks:
+        run = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{path.relative_to(ROOT)}:\n{block}\n{run.stderr[-2000:]}"
