@@ -24,11 +24,9 @@ import time
 
 import torch
 
-import rope
 from common import (EVALUATION_REUSES_UP_TO, ArgumentParser, LayerProgress, add_model_args, check_outputs, cli,
                     default_device, dtype_reason, keep_freed_memory, load_evaluated, memory_capacity, number,
                     parse_rope_args, peak_memory, save_plot, write_json)
-from model import Decoder
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -59,11 +57,10 @@ def fit_prompt(tok, key, depth, length):
     return ids(lo)
 
 
-def retrieve(model, tok, ids, key, dynamic_cache="pre-rope", prefix=None):
-    """(right?, the decoded answer): greedy decoding through the KV cache; the first integer must be the key.
-    prefix: a Decoder that has run the first tokens of ids already; it is copied, not changed."""
+def retrieve(model, tok, ids, key, dynamic_cache="pre-rope"):
+    """(right?, the decoded answer): greedy decoding through the KV cache; the first integer must be the key."""
     tokens = torch.tensor([ids], device=model.tok_embeddings.weight.device)
-    out = model.generate(tokens, MAX_NEW_TOKENS, dynamic_cache=dynamic_cache, decoder=prefix and prefix.copy())
+    out = model.generate(tokens, MAX_NEW_TOKENS, dynamic_cache=dynamic_cache)
     answer = tok.decode(out[0, len(ids):].tolist())
     number = re.search(r"\d+", answer)
     return number is not None and int(number.group()) == key, answer
@@ -80,40 +77,18 @@ def build_prompts(tok, lengths, depths, trials, seed=0):
     return cells
 
 
-def shared_prefix_length(model, prompts):
-    """How many first tokens all the prompts of a cell share (the task and the filler before the key; at least one
-    token of each is left to run), 0 when fewer than two prompts share any, or for a variant whose rotation depends
-    on the length (rope.is_dynamic): a prefix run alone would be rotated for its own length."""
-    n = next((i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1), min(map(len, prompts)) - 1)
-    return 0 if len(prompts) < 2 or rope.is_dynamic(model.config.rope_scaling) else n
-
-
-def shared_prefix(model, prompts):
-    """A Decoder that has run the shared first tokens of the prompts, so that each trial runs only the rest of its
-    prompt; None when there is nothing to share."""
-    n = shared_prefix_length(model, prompts)
-    if n < 1:
-        return None
-    decoder = Decoder(model, 1, max(map(len, prompts)) + MAX_NEW_TOKENS)
-    with torch.inference_mode():
-        decoder(torch.tensor([prompts[0][:n]], device=model.tok_embeddings.weight.device))
-    return decoder
-
-
-def evaluate(model, tok, methods, cells, dynamic_cache="pre-rope", prefix_cache=False):
+def evaluate(model, tok, methods, cells, dynamic_cache="pre-rope"):
     """{label: {length: {depth: [{"key", "tokens", "answer", "correct", "seconds"} per trial]}}} over the prompts
-    of cells. prefix_cache: the trials of a cell share the KV cache of their common prefix (see shared_prefix; the
-    same answers up to rounding, which in bf16 can flip a greedy choice)."""
+    of cells."""
     results = {}
     for label, scaling in methods:
         model.set_rope_scaling(scaling)
         results[label] = {}
         for (L, d), cell in cells.items():
             trials = results[label].setdefault(L, {}).setdefault(d, [])
-            prefix = shared_prefix(model, [ids for _, ids in cell]) if prefix_cache else None
             for key, ids in cell:
                 start = time.perf_counter()
-                correct, answer = retrieve(model, tok, ids, key, dynamic_cache, prefix)
+                correct, answer = retrieve(model, tok, ids, key, dynamic_cache)
                 trials.append({"key": key, "tokens": len(ids), "answer": answer, "correct": correct,
                                "seconds": time.perf_counter() - start})
     return results
@@ -158,14 +133,10 @@ def plot(results, lengths, depths, path):
     save_plot(fig, path)
 
 
-def forward_passes(model, methods, cells, prefix_cache):
+def forward_passes(methods, cells):
     """The forward passes evaluate() runs (the progress bar's size): generate() runs every block once per new token,
-    the first being the prompt's prefill, and no EOS stops it early; plus one per cell for a shared prefix."""
-    passes = len(methods) * sum(map(len, cells.values())) * MAX_NEW_TOKENS
-    for _, scaling in methods if prefix_cache else []:
-        model.set_rope_scaling(scaling)
-        passes += sum(shared_prefix_length(model, [ids for _, ids in cell]) > 0 for cell in cells.values())
-    return passes
+    the first being the prompt's prefill, and no EOS stops it early."""
+    return len(methods) * sum(map(len, cells.values())) * MAX_NEW_TOKENS
 
 
 def write_report(path, args, model, methods, results, lengths, depths, wall, peak):
@@ -204,11 +175,6 @@ def parse_args(argv):
     parser.add_argument("--dynamic-cache", choices=["pre-rope", "recompute"], default="pre-rope",
                         help="dynamic variants only: cache keys before RoPE and rotate them at every step (the "
                              "paper's, default), or recompute the whole sequence whenever the rotation changes")
-    parser.add_argument("--prefix-cache", action="store_true",
-                        help="the trials of a (length, depth) cell share the KV cache of the tokens their prompts start "
-                             "with (static variants). Off by default: measured on CPU it saved no time (the rest of "
-                             "each prompt runs through SDPA's masked path), and in bf16 it changed some answers "
-                             "(docs/study.md)")
     parser.add_argument("--out", help="write every trial (key, prompt tokens, answer) and the settings to this JSON")
     parser.add_argument("--plot", help="write the accuracy heatmaps (one per method) to this image (.png, .pdf, ...)")
     return parser.parse_args(argv)
@@ -228,8 +194,8 @@ def main(argv=None):
     for label, scaling in methods:
         print(f"{label}: rope_scaling = {json.dumps(scaling)}", flush=True)
 
-    with LayerProgress(model, forward_passes(model, methods, cells, args.prefix_cache)):
-        results = evaluate(model, tok, methods, cells, args.dynamic_cache, args.prefix_cache)
+    with LayerProgress(model, forward_passes(methods, cells)):
+        results = evaluate(model, tok, methods, cells, args.dynamic_cache)
     device = model.tok_embeddings.weight.device
     wall, peak = time.time() - start, peak_memory(device)
     print(table(results, lengths, depths))

@@ -72,11 +72,6 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.rotated = rotated
 
-    def copy(self):
-        twin = KVCache.__new__(KVCache)
-        twin.k, twin.v, twin.rotated = self.k.clone(), self.v.clone(), self.rotated
-        return twin
-
     def update(self, pos, k, v):
         end = pos + k.size(2)
         if end > self.k.size(2):
@@ -215,12 +210,11 @@ class Llama(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, return_logits=False,
-                 dynamic_cache="pre-rope", decoder=None):
+                 dynamic_cache="pre-rope"):
         """Continue tokens [B, T] by max_new_tokens through the KV cache; greedy when temperature == 0, else sampled
         from the top_k most likely. Returns [B, T + n] tokens, and with return_logits the [B, n, vocab] logits each
-        new token was drawn from. dynamic_cache: how a dynamic variant keeps its cache (see Decoder); decoder: one
-        that already holds the first tokens (a shared prefix), with room for T + n."""
-        next_logits = decoder or Decoder(self, tokens.size(0), tokens.size(1) + max_new_tokens, dynamic_cache)
+        new token was drawn from. dynamic_cache: how a dynamic variant keeps its cache (see Decoder)."""
+        next_logits = Decoder(self, tokens.size(0), tokens.size(1) + max_new_tokens, dynamic_cache)
         out, steps = tokens, []
         done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
@@ -257,12 +251,6 @@ class Decoder:
         self.cache = [KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, ref.dtype, ref.device,
                               rotated=not dynamic or self.recompute) for _ in model.layers]
         self.pos, self.rotation = 0, None  # tokens cached; the rotation they were cached under ("recompute")
-
-    def copy(self):
-        """A decoder with its own copy of this one's cache (a prefix that several prompts share)."""
-        twin = Decoder.__new__(Decoder)
-        twin.__dict__.update(self.__dict__, cache=[layer.copy() for layer in self.cache])
-        return twin
 
     def __call__(self, tokens):
         if self.recompute:

@@ -86,39 +86,15 @@ def test_the_layer_bar_counts_every_block_of_every_step(checkpoint, dynamic_cach
     methods = [("default", None), ("dynamic", {"rope_type": "dynamic", "factor": 2.0,
                                                "original_max_position_embeddings": 256})]
     cells = eval_passkey.build_prompts(tok, [300], [0.5], trials=2)  # past L: the dynamic rotation changes each step
-    passes = eval_passkey.forward_passes(model, methods, cells, prefix_cache=True)
-    assert passes == 2 * 2 * eval_passkey.MAX_NEW_TOKENS + 1  # + the prefix the static method's 2 trials share
+    passes = eval_passkey.forward_passes(methods, cells)
+    assert passes == 2 * 2 * eval_passkey.MAX_NEW_TOKENS
     with common.LayerProgress(model, passes) as bar:
-        results = eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache, prefix_cache=True)
+        results = eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache)
     assert bar.n == bar.total == passes * len(model.layers)
     assert [t["answer"] for r in results.values() for t in r[300][0.5]] == \
-           [t["answer"] for r in eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache, True).values()
+           [t["answer"] for r in eval_passkey.evaluate(model, tok, methods, cells, dynamic_cache).values()
             for t in r[300][0.5]]  # the hooks change no answer
     assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)  # and are gone
-
-
-def test_a_shared_prefix_gives_the_answers_and_logits_of_whole_prompts(checkpoint):
-    model, tok = load_model(checkpoint), byte_tokenizer()
-    methods = [("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}),
-               ("dynamic", {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 256})]
-    cells = eval_passkey.build_prompts(tok, [300, 400], [0.3, 0.8], trials=3, seed=1)
-    shared = eval_passkey.evaluate(model, tok, methods, cells, prefix_cache=True)
-    whole = eval_passkey.evaluate(model, tok, methods, cells, prefix_cache=False)
-    answers = lambda results: [t["answer"] for r in results.values() for by_d in r.values() for c in by_d.values()
-                               for t in c]
-    assert answers(shared) == answers(whole)
-    model.set_rope_scaling(methods[0][1])
-    prompts = [ids for _, ids in cells[400, 0.8]]
-    n = eval_passkey.shared_prefix_length(model, prompts)
-    assert 400 / 2 < n < min(map(len, prompts))  # the task and the filler before the key
-    prefix = eval_passkey.shared_prefix(model, prompts)
-    for ids in prompts:
-        tokens = torch.tensor([ids])
-        out, logits = model.generate(tokens, 5, return_logits=True, decoder=prefix.copy())
-        ref_out, ref_logits = model.generate(tokens, 5, return_logits=True)
-        assert torch.equal(out, ref_out) and torch.allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    model.set_rope_scaling(methods[1][1])
-    assert eval_passkey.shared_prefix(model, prompts) is None  # a dynamic rotation depends on the whole length
 
 
 def test_the_evaluations_import_no_other_script():
