@@ -75,6 +75,7 @@ def test_the_amx_bf16_sentence_is_what_eval_ppl_wrote():
     amx, table = (json.loads((ROOT / "docs" / f).read_text())["perplexity"] for f in ("ppl_bf16_amx.json", "ppl.json"))
     moved = max(abs(amx[m][W] / table[m][W] - 1) for m in table for W in table[m])
     assert f"every cell moves by up to {100 * moved:.2f}% from this table" in " ".join(README.split())
+    assert f"moves by up to {100 * moved:.3f}% between the two kinds" in " ".join(STUDY.split())
     for method, cells in (("plain RoPE", amx["default"]), ("YaRN", amx["yarn"])):
         values = list(cells.values())
         assert f"{method} {values[0]:.2f}, {values[1]:.2f} ... {values[-1]:.2f}" in " ".join(README.split())

@@ -188,3 +188,15 @@ def test_pose_with_windows_longer_than_the_context_is_refused(setup, tmp_path):
     result = train(setup[1] + ["--pose", "--seq-len", str(S + 1)], tmp_path / "out")
     one_error_line(result, "train.py", f"--seq-len {S + 1} is longer", f"s x L = {S}")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_study_names_each_flag_of_a_command_once():
+    """python -m tools.study --list prints the commands a reader copies: the PoSE fine-tune replaces the recipe's
+    --seq-len and --batch-size instead of repeating them (argparse would take the last, a reader might not)."""
+    from tools import study
+
+    for step in study.STEPS:
+        flags = [x for x in step["command"] if x.startswith("--")]
+        assert len(flags) == len(set(flags)), step["command"]
+    (pose,) = [s["command"] for s in study.STEPS if s.get("run") == "yarn-pose"]
+    assert pose[pose.index("--seq-len") + 1] == "2048" and "--pose" in pose

@@ -32,17 +32,17 @@ LENGTHS = [4096 * i for i in range(1, 9)]  # 4k .. 32k = 4 x 8192
 # s = 4 (8k -> 32k) on 8192-token sequences: a quarter of the target length, as the paper's 128k models were trained
 # on 64k sequences. lr: the paper's 2e-5 is for a 7B model over 400 steps; 1e-4 (5x) for a 135M model over 30 steps
 # after 5 warm-up steps is a choice, not tuned.
-FINE_TUNE = ["--scale", "4", "--seq-len", "8192", "--batch-size", "2", "--steps", "30", "--lr", "1e-4",
-             "--warmup-steps", "5", "--save-every", "5", "--no-activation-checkpointing", "--data", *TRAIN]
+FINE_TUNE = {"--scale": ["4"], "--seq-len": ["8192"], "--batch-size": ["2"], "--steps": ["30"], "--lr": ["1e-4"],
+             "--warmup-steps": ["5"], "--save-every": ["5"], "--no-activation-checkpointing": [], "--data": TRAIN}
 PPL = ["--data", *HELD_OUT, "--max-docs", "2", "--lengths", *map(str, LENGTHS)]
 # one trial at each of 3 depths: a 32k prompt costs ~4 min here (attention is 85% of it), so 3 trials per length
 PASSKEY = ["--lengths", "8192", "16384", "32768", "--depths", "0.1", "0.5", "0.9", "--trials", "1"]
 # enough to support a conclusion: 12 trials per length (4 keys at each of 3 depths), the same seeded keys for every
-# model; the trials of a (length, depth) cell share the KV cache of the filler before their key
+# model
 PASSKEY_12 = ["--lengths", "8192", "16384", "32768", "--depths", "0.25", "0.5", "0.75", "--trials", "4"]
 # PoSE (arXiv 2309.10400): the YaRN run's recipe on 2048-token windows whose positions span s·L = 32k, 8 windows a
 # step instead of 2, so the same tokens per step and the same steps
-POSE = ["--pose", "--seq-len", "2048", "--batch-size", "8"]
+POSE = {"--pose": [], "--seq-len": ["2048"], "--batch-size": ["8"]}
 # sqrt(1/t) around the paper's 0.1 ln(s) + 1 (eq. 22): 1.0693 for s = 2, 1.1386 for s = 4; four values at s = 4,
 # where each one costs two 32k passes (~9.5 min)
 TEMPERATURES = {2: [1.0, 1.035, 1.0693, 1.1, 1.15], 4: [1.0, 1.07, 1.1386, 1.2]}
@@ -58,11 +58,12 @@ def final(run):
     return OUT / run / "final"
 
 
-def fine_tune(name, run, rope_type, *extra):
-    """A fine-tune step: its record is the run's log, copied to RESULTS/run once the run has finished; extra flags
-    replace FINE_TUNE's (argparse keeps the last)."""
+def fine_tune(name, run, rope_type, extra=None):
+    """A fine-tune step: its record is the run's log, copied to RESULTS/run once the run has finished; extra's flags
+    ({flag: values}) replace or add to FINE_TUNE's, so that each flag is given once."""
+    flags = [x for flag, values in {**FINE_TUNE, **(extra or {})}.items() for x in (flag, *values)]
     return {"name": f"fine-tune {name}", "done": RESULTS / run / "log.jsonl", "run": run,
-            "command": ["train.py", *FINE_TUNE, *extra, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"]}
+            "command": ["train.py", *flags, "--rope", rope_type, "--out-dir", str(OUT / run), "--resume"]}
 
 
 def evaluation(name, out, script, *args, reads=None):
@@ -102,14 +103,14 @@ STEPS = [
                "--rope", "ntk", "--scale", "4", *PPL),
     evaluation("perplexity, NTK-aware fine-tuned", "ppl-ntk.json", "eval_ppl.py", *fine_tuned("ntk"), *PPL,
                reads="ntk"),
-    fine_tune("YaRN + PoSE", "yarn-pose", "yarn", *POSE),
+    fine_tune("YaRN + PoSE", "yarn-pose", "yarn", POSE),
     evaluation("perplexity, YaRN + PoSE fine-tuned", "ppl-yarn-pose.json", "eval_ppl.py", *fine_tuned("yarn-pose"),
                *PPL, reads="yarn-pose"),
     evaluation("passkey, 12 per length, YaRN without fine-tuning", "passkey12-base.json", "eval_passkey.py",
                "--rope", "yarn", "--scale", "4", *PASSKEY_12),
     # the YaRN fine-tune made again for the passkey table (the first run's checkpoint was on another machine), with
     # today's code, compiled: its losses against the first run's are in the report ("made_again")
-    fine_tune("YaRN, again (compiled)", "yarn-again", "yarn", "--compile"),
+    fine_tune("YaRN, again (compiled)", "yarn-again", "yarn", {"--compile": []}),
     evaluation("passkey, 12 per length, YaRN fine-tuned", "passkey12-yarn.json", "eval_passkey.py",
                *fine_tuned("yarn-again"), *PASSKEY_12, reads="yarn-again"),
     evaluation("passkey, 12 per length, YaRN + PoSE fine-tuned", "passkey12-yarn-pose.json", "eval_passkey.py",
