@@ -232,7 +232,7 @@ def test_partial_rotary_rotates_the_first_dims_as_transformers_does(variant):
 
 def test_rope_parameters_with_rope_theta_given_to_parse_and_rope_parameters():
     """transformers 5's rope_parameters block, rope_theta inside: the dict's base replaces the model's; a dict that
-    says only a base is plain RoPE at that base (ABF, "adjusted base frequency", as Code Llama and Llama 3 raised it)."""
+    says only a base is plain RoPE at that base (ABF, "adjusted base frequency", as Code Llama was fine-tuned)."""
     block = {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
     scaling = rope.parse_rope_scaling(block)
     assert scaling == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4096}
