@@ -5,13 +5,14 @@
     python convert_llama.py SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2  # llama.cpp GGUF, dequantized
     python convert_llama.py runs/yarn/final runs/yarn/hf                         # ours -> Hugging Face transformers
 
-The format is detected from SRC. OUT gets config.json (model.LlamaConfig), model.safetensors and the tokenizer files,
-or, from one of our directories, a Hugging Face LlamaForCausalLM directory. It is written into a temporary folder
-next to OUT and renamed at the end, so OUT is complete or as it was; a non-empty OUT is replaced only with --force,
-and never when OUT and SRC overlap. Our rotary layout is Hugging Face's "halves" layout (docs/method.md), so HF
-weights go in and out as they are, while Meta and GGUF q/k weights are permuted from Meta's adjacent-pairs layout:
-in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized to fp32) unless
---dtype says otherwise.
+The format is detected from SRC; Hugging Face folders may hold Llama, Mistral, Phi-3 or Qwen2 (read_hf). OUT gets
+config.json (model.LlamaConfig), model.safetensors and the tokenizer files, or, from one of our directories, a Hugging
+Face directory (LlamaForCausalLM; Qwen2ForCausalLM or Phi3ForCausalLM for what only they compute: read_ours). It is
+written into a temporary folder next to OUT and renamed at the end, so OUT is complete or as it was; a non-empty OUT
+is replaced only with --force, and never when OUT and SRC overlap. Our rotary layout is Hugging Face's "halves" layout
+(docs/method.md), so HF weights go in and out as they are, while Meta and GGUF q/k weights are permuted from Meta's
+adjacent-pairs layout: in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized
+to fp32) unless --dtype says otherwise.
 """
 import dataclasses
 import json

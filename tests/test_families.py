@@ -103,7 +103,10 @@ def test_converts_to_the_same_logits_and_exports_back(tmp_path, family, shape):
 
 def test_a_rope_parameters_block_with_rope_theta_is_the_base_it_says(tmp_path):
     """transformers 5's block, rope_theta inside, given to a model of base 1e4 (load_model's rope_scaling, as
-    --rope gives it): the logits of a transformers model whose config says that block, below and past L."""
+    --rope gives it): the logits of a transformers model whose config says that block, below and past L; and so is
+    its export."""
+    from transformers import AutoModelForCausalLM
+
     block = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "original_max_position_embeddings": L}
     write_hf_llama(tmp_path / "plain", max_position_embeddings=4 * L, vocab_size=VOCAB)  # base 1e4, same weights
     hf = write_hf_llama(tmp_path / "hf", block, max_position_embeddings=4 * L, vocab_size=VOCAB)
@@ -112,6 +115,11 @@ def test_a_rope_parameters_block_with_rope_theta_is_the_base_it_says(tmp_path):
     assert ours.config.rope_theta == 1e4 and ours.config.rope_scaling["rope_theta"] == 5e5
     yarn_at_1e4 = load_model(tmp_path / "ours", rope_scaling={**block, "rope_theta": None})  # null: the model's base
     assert_same_logits(ours, hf, yarn_at_1e4)
+    save_model(ours, tmp_path / "saved")  # the block kept in its config.json, exported as transformers says it
+    convert(tmp_path / "saved", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["rope_theta"] == 5e5
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert_same_logits(load_model(tmp_path / "saved"), back, yarn_at_1e4)
 
 
 @pytest.fixture(scope="module")
