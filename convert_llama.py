@@ -389,8 +389,7 @@ def permute(w, n_heads):
 # ------------------------------------------------------------------------------------------- ours -> Hugging Face
 
 def hf_rope(cfg):
-    """(rope_theta, rope_scaling, max_position_embeddings) with which transformers computes our rotation (of a
-    config whose base and rotated fraction are its fields: rotation_in_fields)."""
+    """(rope_theta, rope_scaling, max_position_embeddings) with which transformers computes our rotation."""
     scaling, mpe = cfg.rope_scaling, cfg.max_position_embeddings
     kind = scaling and scaling["rope_type"]
     if kind is None:
@@ -419,21 +418,13 @@ def hf_rope(cfg):
                      "equals yarn up to the fine-tuned length: export a yarn checkpoint)")
 
 
-def rotation_in_fields(cfg):
-    """cfg with the rope_theta and partial_rotary_factor its rope_scaling dict may say (transformers 5's form) moved
-    into its fields, where an exported config.json says them."""
-    scaling = dict(cfg.rope_scaling or {})
-    return dataclasses.replace(cfg, rope_theta=scaling.pop("rope_theta", cfg.rope_theta), rope_scaling=scaling or None,
-                               partial_rotary_factor=scaling.pop("partial_rotary_factor", cfg.partial_rotary_factor))
-
-
 def read_ours(src):
     """One of our checkpoint directories as the tensors and config.json of a Hugging Face model: LlamaForCausalLM,
     or the Llama-shaped class that computes what a flag adds: Qwen2ForCausalLM q/k/v biases, Phi3ForCausalLM (fused
     projections) partial rotary, which transformers' Llama lacks."""
     from safetensors.torch import load_file
 
-    cfg = rotation_in_fields(load_config(src))
+    cfg = load_config(src)
     rope_theta, rope_scaling, max_position_embeddings = hf_rope(cfg)
     family = "phi3" if cfg.partial_rotary_factor < 1 else "qwen2" if cfg.qkv_bias else "llama"
     if family == "phi3" and (cfg.qkv_bias or rope_scaling and rope_scaling["rope_type"] != "longrope"):

@@ -46,9 +46,14 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.dim // self.n_heads
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert self.head_dim % 2 == 0, "RoPE rotates pairs: head_dim must be even"
-        rope.rotary_dim(self.head_dim, self.partial_rotary_factor)  # an even number of rotated dims
         # None for plain RoPE, however spelt; checked against head_dim (and completed: longrope's factor, see rope.py)
-        self.rope_scaling = self.checked(self.rope_scaling)
+        scaling = self.checked(self.rope_scaling) or {}
+        # transformers 5 writes the base and the rotated fraction into the dict (rope_parameters): here they are fields
+        for key in rope.ROTATION_KEYS:
+            if key in scaling:
+                setattr(self, key, scaling.pop(key))
+        rope.rotary_dim(self.head_dim, self.partial_rotary_factor)  # an even number of rotated dims
+        self.rope_scaling = None if scaling.get("rope_type", "default") == "default" else scaling
 
     def checked(self, rope_scaling):
         """rope.parse_rope_scaling with this model's head_dim, max_position_embeddings and partial_rotary_factor."""

@@ -111,11 +111,11 @@ def test_a_rope_parameters_block_with_rope_theta_is_the_base_it_says(tmp_path):
     write_hf_llama(tmp_path / "plain", max_position_embeddings=4 * L, vocab_size=VOCAB)  # base 1e4, same weights
     hf = write_hf_llama(tmp_path / "hf", block, max_position_embeddings=4 * L, vocab_size=VOCAB)
     convert(tmp_path / "plain", tmp_path / "ours")
-    ours = load_model(tmp_path / "ours", rope_scaling=block)
-    assert ours.config.rope_theta == 1e4 and ours.config.rope_scaling["rope_theta"] == 5e5
+    ours = load_model(tmp_path / "ours", rope_scaling=block)  # the model's base becomes the block's (a field)
+    assert ours.config.rope_theta == 5e5 and "rope_theta" not in ours.config.rope_scaling
     yarn_at_1e4 = load_model(tmp_path / "ours", rope_scaling={**block, "rope_theta": None})  # null: the model's base
     assert_same_logits(ours, hf, yarn_at_1e4)
-    save_model(ours, tmp_path / "saved")  # the block kept in its config.json, exported as transformers says it
+    save_model(ours, tmp_path / "saved")  # its config.json says the base as a field, the export as transformers does
     convert(tmp_path / "saved", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["rope_theta"] == 5e5
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
