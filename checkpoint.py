@@ -154,12 +154,13 @@ def llama_config(fields):
         if not (optional and value is None) and (not isinstance(value, int) or isinstance(value, bool)
                                                  or value < (0 if optional else 1)):
             raise ValueError(f"{name} must be a {'non-negative' if optional else 'positive'} integer (got {value!r})")
-    for name in ("norm_eps", "rope_theta"):
+    for name in ("norm_eps", "rope_theta", "partial_rotary_factor"):
         value = fields.get(name, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{name} must be a positive number (got {value!r})")
-    if not isinstance(fields.get("tie_word_embeddings", False), bool):
-        raise ValueError(f"tie_word_embeddings must be true or false (got {fields['tie_word_embeddings']!r})")
+    for name in ("tie_word_embeddings", "qkv_bias"):
+        if not isinstance(fields.get(name, False), bool):
+            raise ValueError(f"{name} must be true or false (got {fields[name]!r})")
     head_dim = fields.get("head_dim") or fields["dim"] // fields["n_heads"]
     if fields["n_heads"] % fields["n_kv_heads"] or head_dim % 2:
         raise ValueError(f"n_heads ({fields['n_heads']}) must be a multiple of n_kv_heads ({fields['n_kv_heads']}), "

@@ -5,13 +5,14 @@
     python convert_llama.py SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2  # llama.cpp GGUF, dequantized
     python convert_llama.py runs/yarn/final runs/yarn/hf                         # ours -> Hugging Face transformers
 
-The format is detected from SRC. OUT gets config.json (model.LlamaConfig), model.safetensors and the tokenizer files,
-or, from one of our directories, a Hugging Face LlamaForCausalLM directory. It is written into a temporary folder
-next to OUT and renamed at the end, so OUT is complete or as it was; a non-empty OUT is replaced only with --force,
-and never when OUT and SRC overlap. Our rotary layout is Hugging Face's "halves" layout (docs/method.md), so HF
-weights go in and out as they are, while Meta and GGUF q/k weights are permuted from Meta's adjacent-pairs layout:
-in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized to fp32) unless
---dtype says otherwise.
+The format is detected from SRC; Hugging Face folders may hold Llama, Mistral, Phi-3 or Qwen2 (read_hf). OUT gets
+config.json (model.LlamaConfig), model.safetensors and the tokenizer files, or, from one of our directories, a Hugging
+Face directory (LlamaForCausalLM; Qwen2ForCausalLM or Phi3ForCausalLM for what only they compute: read_ours). It is
+written into a temporary folder next to OUT and renamed at the end, so OUT is complete or as it was; a non-empty OUT
+is replaced only with --force, and never when OUT and SRC overlap. Our rotary layout is Hugging Face's "halves" layout
+(docs/method.md), so HF weights go in and out as they are, while Meta and GGUF q/k weights are permuted from Meta's
+adjacent-pairs layout: in `permute`, and nowhere else in the project. Tensors keep the source dtype (GGUF: dequantized
+to fp32) unless --dtype says otherwise.
 """
 import dataclasses
 import json
@@ -41,6 +42,9 @@ GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "
               "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
               "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
 HF_LAYERS, GGUF_LAYERS = "model.layers.", "blk."
+# Phi-3 fuses q, k and v into one projection, and gate and up into another: each is its parts' rows, in this order
+PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json")
 
@@ -76,27 +80,31 @@ def read_json(path):
 # ---------------------------------------------------------------------------------------- Hugging Face directory
 
 def read_hf(src):
+    """Llama, Mistral, Phi-3 (fused projections, partial rotary) and Qwen2 (q/k/v biases); sliding windows (Mistral's,
+    Phi-3's, Qwen2's use_sliding_window) are dropped, as the paper does for Mistral."""
     cfg = read_json(src / "config.json")
-    if cfg.get("model_type") not in ("llama", "mistral"):  # Mistral's sliding window is dropped, as the paper does
-        raise ValueError(f"{src / 'config.json'}: model_type {cfg.get('model_type')!r} is not supported (only llama "
-                         "and mistral)")
+    model_type = cfg.get("model_type")
+    if model_type not in ("llama", "mistral", "phi3", "qwen2"):
+        raise ValueError(f"{src / 'config.json'}: model_type {model_type!r} is not supported (only llama, mistral, "
+                         "phi3 and qwen2; docs/usage.md lists the model families that load)")
     # transformers 5.x keeps rope_theta and the scaling in `rope_parameters`, 4.x has `rope_theta` + `rope_scaling`
     if not isinstance(cfg.get("rope_parameters") or {}, dict):
         raise ValueError(f"{src / 'config.json'}: rope_parameters must be a JSON object such as {{\"rope_type\": "
                          f"\"yarn\", \"factor\": 4.0, ...}}, not {type(cfg['rope_parameters']).__name__} "
                          f"{cfg['rope_parameters']!r}")
-    params = dict(cfg.get("rope_parameters") or {})
+    params = dict(cfg.get("rope_parameters") or {})  # 5.x: with the base and the rotated fraction; 4.x: beside it
     rope_theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    for key, value, expected in (("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
-                                 ("partial_rotary_factor", params.pop("partial_rotary_factor", 1.0), 1.0)):
-        if value != expected:
-            raise ValueError(f"{src / 'config.json'}: {key} {value!r} is not supported (only {expected!r})")
+    partial_rotary_factor = params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{src / 'config.json'}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
     scaling = params or cfg.get("rope_scaling")
-    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default") \
-            and not scaling.get("original_max_position_embeddings"):
-        # transformers' fallback: the pre-training length is max_position_embeddings (`dynamic` grows from it)
-        scaling = {**scaling, "original_max_position_embeddings":
-                   cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 2048)}
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        if model_type == "phi3":  # transformers gives Phi3Config's own L (4096 unless it says) priority over the dict's
+            scaling = {**scaling, "original_max_position_embeddings": cfg.get("original_max_position_embeddings", 4096)}
+        elif not scaling.get("original_max_position_embeddings"):
+            # transformers' fallback: the pre-training length is max_position_embeddings (`dynamic` grows from it)
+            scaling = {**scaling, "original_max_position_embeddings":
+                       cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 2048)}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in cfg:
             raise ValueError(f"{src / 'config.json'} has no {key!r}")
@@ -107,13 +115,14 @@ def read_hf(src):
         hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048), rope_scaling=scaling,
+        partial_rotary_factor=partial_rotary_factor, qkv_bias=model_type == "qwen2",
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
     state = {}
     for file in hf_weight_files(src):
         if not (src / file).exists():
             raise ValueError(f"{src / file} is missing (listed in {src}'s index.json): download every shard")
-        for name, tensor in load_weights(src / file):
+        for name, tensor in unfused(load_weights(src / file), config, src / file):
             ours = to_ours(name, HF_NAMES, HF_LAYERS)
             if name.endswith("rotary_emb.inv_freq") or ours == "output.weight" and config["tie_word_embeddings"]:
                 continue  # a buffer older checkpoints saved / a copy of the tied embedding
@@ -127,6 +136,30 @@ def read_hf(src):
             shutil.copy(src / "original" / "tokenizer.model", out / "tokenizer.model")  # Llama 3 repos keep it there
 
     return config, state, copy_tokenizer
+
+
+def unfused(weights, config, where):
+    """(name, tensor) pairs with Phi-3's fused projections split into Llama's (PHI3_FUSED); the rest as they are, and
+    all of them where the config's sizes are not positive integers (checked_config then names the bad one)."""
+    dim, n_heads, n_kv_heads, hidden_dim, head_dim = (config[k] for k in ("dim", "n_heads", "n_kv_heads",
+                                                                          "hidden_dim", "head_dim"))
+    if not all(isinstance(n, int) and n > 0 for n in (dim, n_heads, n_kv_heads, hidden_dim, head_dim or 1)):
+        yield from weights
+        return
+    head_dim = head_dim or dim // n_heads
+    rows = {"self_attn.qkv_proj": [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim],
+            "mlp.gate_up_proj": [hidden_dim, hidden_dim]}
+    for name, tensor in weights:
+        fused = next((f for f in PHI3_FUSED if name.endswith(f"{f}.weight")), None)
+        if fused is None:
+            yield name, tensor
+            continue
+        if tensor.dim() != 2 or tensor.shape[0] != sum(rows[fused]):
+            raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)}, but the config implies "
+                             f"{sum(rows[fused])} rows ({' + '.join(map(str, rows[fused]))}: "
+                             f"{', '.join(PHI3_FUSED[fused])})")
+        for part, rows_of_part in zip(PHI3_FUSED[fused], tensor.split(rows[fused])):
+            yield name.replace(fused, part), rows_of_part
 
 
 def hf_weight_files(src):
@@ -363,7 +396,8 @@ def hf_rope(cfg):
     if kind is None:
         return cfg.rope_theta, None, mpe
     if kind == "ntk":  # transformers has no static NTK-aware scaling: it is plain RoPE with the changed base
-        return rope.ntk_base(cfg.rope_theta, scaling["factor"], cfg.head_dim), None, mpe
+        D = rope.rotary_dim(cfg.head_dim, cfg.partial_rotary_factor)
+        return rope.ntk_base(cfg.rope_theta, scaling["factor"], D), None, mpe
     if kind == "linear":
         return cfg.rope_theta, {"rope_type": "linear", "factor": scaling["factor"]}, mpe
     if kind == "dynamic":  # transformers grows from max_position_embeddings where we grow from the original length
@@ -386,25 +420,40 @@ def hf_rope(cfg):
 
 
 def read_ours(src):
-    """One of our checkpoint directories as the tensors and config.json of a Hugging Face LlamaForCausalLM."""
+    """One of our checkpoint directories as the tensors and config.json of a Hugging Face model: LlamaForCausalLM,
+    or the Llama-shaped class that computes what a flag adds: Qwen2ForCausalLM q/k/v biases, Phi3ForCausalLM (fused
+    projections) partial rotary, which transformers' Llama lacks."""
     from safetensors.torch import load_file
 
     cfg = load_config(src)
     rope_theta, rope_scaling, max_position_embeddings = hf_rope(cfg)
+    family = "phi3" if cfg.partial_rotary_factor < 1 else "qwen2" if cfg.qkv_bias else "llama"
+    if family == "phi3" and (cfg.qkv_bias or rope_scaling and rope_scaling["rope_type"] != "longrope"):
+        raise ValueError("transformers rotates part of each head (partial_rotary_factor) only in Phi3ForCausalLM, "
+                         "which has no q/k/v biases and takes plain RoPE or longrope only: this checkpoint (qkv_bias "
+                         f"{cfg.qkv_bias}, rope_type {rope_scaling and rope_scaling['rope_type']}) cannot be exported")
     try:
         state = {ours_to(name, HF_NAMES, HF_LAYERS): t for name, t in load_file(src / "model.safetensors").items()}
     except SafetensorError as e:
         raise corrupt(src / "model.safetensors", e) from None
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}[family]
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_position_embeddings,
-        "rope_theta": rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "attention_bias": False,
-        "mlp_bias": False, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
-    if rope_scaling and rope_scaling["rope_type"] == "longrope":  # where transformers 4.x reads L (Phi-3 has it)
+        "architectures": [architecture], "model_type": family, "hidden_act": "silu", "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_position_embeddings, "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling, "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    config.update({"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": {"use_sliding_window": False},
+                   # Phi3Config's default pad id, 32000, may lie past the vocabulary
+                   "phi3": {"partial_rotary_factor": cfg.partial_rotary_factor, "sliding_window": None,
+                            "pad_token_id": None}}[family])
+    if rope_scaling and rope_scaling["rope_type"] == "longrope":  # where transformers 4.x and Phi3Config read L
         config["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
+    if family == "phi3":
+        for fused, parts in PHI3_FUSED.items():
+            for name in [name for name in state if name.endswith(f"{parts[0]}.weight")]:
+                state[name.replace(parts[0], fused)] = torch.cat([state.pop(name.replace(parts[0], p)) for p in parts])
 
     def copy_tokenizer(out):  # as they are: transformers reads a SentencePiece tokenizer.model, not a tiktoken one
         for f in src.iterdir():

@@ -8,8 +8,10 @@
     out = model.generate(tokens, max_new_tokens=32)
 
 The rotary layout is Hugging Face's: pair i of a head is (x[i], x[i + head_dim/2]); convert_llama.py permutes Meta and
-GGUF q and k into it. In bf16, RMSNorm, the RoPE tables and rotation, attention's softmax (inside SDPA) and the loss
-are computed in fp32. Reading and writing checkpoint folders, with every check of what is read, is checkpoint.py's.
+GGUF q and k into it. Two flags cover the Llama-shaped families that differ from it: partial_rotary_factor (Phi-4-mini
+rotates the first 3/4 of each head) and qkv_bias (Qwen2's biases on q, k and v). In bf16, RMSNorm, the RoPE tables
+and rotation, attention's softmax (inside SDPA) and the loss are computed in fp32. Reading and writing checkpoint
+folders, with every check of what is read, is checkpoint.py's.
 """
 from dataclasses import dataclass
 
@@ -35,6 +37,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0  # the base b
     max_position_embeddings: int = 2048  # the context the model is meant to run at (s·L for a scaled model)
     rope_scaling: dict | None = None  # HF-style, see rope.py; None = plain RoPE
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim·this) dims of each head
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2; transformers' Llama attention_bias also biases o)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -44,7 +48,23 @@ class LlamaConfig:
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert self.head_dim % 2 == 0, "RoPE rotates pairs: head_dim must be even"
         # None for plain RoPE, however spelt; checked against head_dim (and completed: longrope's factor, see rope.py)
-        self.rope_scaling = rope.parse_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        scaling = self.checked(self.rope_scaling) or {}
+        # transformers 5 writes the base and the rotated fraction into the dict (rope_parameters): here they are fields
+        for key in rope.ROTATION_KEYS:
+            if key in scaling:
+                setattr(self, key, scaling.pop(key))
+        rope.rotary_dim(self.head_dim, self.partial_rotary_factor)  # an even number of rotated dims
+        self.rope_scaling = None if scaling.get("rope_type", "default") == "default" else scaling
+
+    def checked(self, rope_scaling):
+        """rope.parse_rope_scaling with this model's head_dim, max_position_embeddings and partial_rotary_factor."""
+        return rope.parse_rope_scaling(rope_scaling, self.head_dim, self.max_position_embeddings,
+                                       self.partial_rotary_factor)
+
+    def rope_parameters(self, seq_len):
+        """(h(θ_i), attention factor) of this model's rotation at length seq_len (rope.rope_parameters)."""
+        return rope.rope_parameters(self.rope_scaling, self.head_dim, self.rope_theta, seq_len,
+                                    self.partial_rotary_factor)
 
     @property
     def original_max_position_embeddings(self):
@@ -84,9 +104,9 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
@@ -152,19 +172,19 @@ class Llama(nn.Module):
         self._tables = None  # cos/sin of a static RoPE, built once for the longest length seen
 
     def set_rope_scaling(self, rope_scaling):
-        """Switch to another RoPE scaling (HF-style dict, None = plain RoPE); the tables are rebuilt."""
-        cfg = self.config
-        cfg.rope_scaling = rope.parse_rope_scaling(rope_scaling, cfg.head_dim, cfg.max_position_embeddings)
+        """Switch to another RoPE scaling (HF-style dict, None = plain RoPE; a rope_theta in it replaces the model's
+        base for as long as it is set); the tables are rebuilt."""
+        self.config.rope_scaling = self.config.checked(rope_scaling)
         self._tables = None
 
     def rope_tables(self, seq_len):
-        """fp32 cos/sin [seq_len, head_dim] (rope.cos_sin_tables) for positions 0..seq_len-1 as rotated at length
-        seq_len: built once for a static variant (for max_position_embeddings, or longer), for every length for a
-        dynamic one."""
+        """fp32 cos/sin [seq_len, D] (rope.cos_sin_tables; D = the rotated dims) for positions 0..seq_len-1 as
+        rotated at length seq_len: built once for a static variant (for max_position_embeddings, or longer), for every
+        length for a dynamic one."""
         cfg, device = self.config, self.tok_embeddings.weight.device
         dynamic = rope.is_dynamic(cfg.rope_scaling)
         if dynamic or self._tables is None or len(self._tables[0]) < seq_len or self._tables[0].device != device:
-            inv_freq, attention_factor = rope.rope_parameters(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, seq_len)
+            inv_freq, attention_factor = cfg.rope_parameters(seq_len)
             length = seq_len if dynamic else max(seq_len, cfg.max_position_embeddings)
             self._tables = rope.cos_sin_tables(inv_freq.to(device), attention_factor, length)
         cos, sin = self._tables
@@ -254,8 +274,7 @@ class Decoder:
 
     def __call__(self, tokens):
         if self.recompute:
-            cfg = self.model.config
-            now = rope.rope_parameters(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, tokens.size(1))
+            now = self.model.config.rope_parameters(tokens.size(1))
             if self.rotation is not None and (now[1] != self.rotation[1] or not torch.equal(now[0], self.rotation[0])):
                 self.pos = 0  # the rotation changed: every cached token is computed again
             self.rotation = now

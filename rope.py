@@ -1,10 +1,10 @@
 """Every RoPE variant of the YaRN paper (Peng et al., arXiv 2309.00071), one function each, then the rotation.
 
-Notation (docs/method.md): D = rotary dims per head (head_dim), b = the base (rope_theta), θ_i = b^(-2i/D) the angle
-pair i turns per position (inv_freq), L = original_max_position_embeddings, s = factor, l = the current sequence
-length. A variant maps an HF-style `rope_scaling` dict to (h(θ_i) for every pair, the attention factor √(1/t)):
-pair i of every q and k head is rotated by position·h(θ_i), and cos and sin are multiplied by √(1/t), so every q·k
-logit is multiplied by 1/t.
+Notation (docs/method.md): D = rotary dims per head (head_dim, or its first int(head_dim·partial_rotary_factor)),
+b = the base (rope_theta), θ_i = b^(-2i/D) the angle pair i turns per position (inv_freq), L =
+original_max_position_embeddings, s = factor, l = the current sequence length. A variant maps an HF-style
+`rope_scaling` dict to (h(θ_i) for every pair, the attention factor √(1/t)): pair i of every q and k head is rotated
+by position·h(θ_i), and cos and sin are multiplied by √(1/t), so every q·k logit is multiplied by 1/t.
 
     scaling = parse_rope_scaling({"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096})
     inv_freq, attention_factor = rope_parameters(scaling, head_dim=128, base=10000.0)
@@ -113,7 +113,10 @@ def llama3(scaling, head_dim, base, seq_len):
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     theta = inv_freq(head_dim, base)
     r = L / (2 * math.pi / theta)  # turns over L = L/λ
-    return blend(theta, s, gamma=((r - low) / (high - low)).clamp(0, 1)), 1.0
+    # equal factors (Llama 4's 1 and 1) leave no ramp: pairs turning more than `low` times are kept, the rest
+    # interpolated, as transformers' and vLLM's where() compute it
+    gamma = ((r - low) / (high - low)).clamp(0, 1) if high > low else (r > low).float()
+    return blend(theta, s, gamma), 1.0
 
 
 def longrope_attention_factor(s, L):
@@ -144,10 +147,23 @@ def is_dynamic(scaling):
     return scaling is not None and scaling["rope_type"] in DYNAMIC
 
 
-def rope_parameters(scaling, head_dim, base, seq_len=0):
+def rope_parameters(scaling, head_dim, base, seq_len=0, partial_rotary_factor=1.0):
     """(h(θ_i) [D/2] fp32, attention factor) for a checked rope_scaling dict (None = plain RoPE); seq_len is the
-    current length l, which only the dynamic variants read."""
-    return VARIANTS[(scaling or {"rope_type": "default"})["rope_type"]](scaling, head_dim, base, seq_len)
+    current length l, which only the dynamic variants read. head_dim, base and partial_rotary_factor are the model's;
+    a rope_theta or partial_rotary_factor in the dict (transformers 5 writes both into rope_parameters) replaces its."""
+    scaling = scaling or {"rope_type": "default"}
+    D = rotary_dim(head_dim, scaling.get("partial_rotary_factor", partial_rotary_factor))
+    return VARIANTS[scaling["rope_type"]](scaling, D, scaling.get("rope_theta", base), seq_len)
+
+
+def rotary_dim(head_dim, partial_rotary_factor):
+    """D: the first int(head_dim·partial_rotary_factor) dims of a head are rotated (transformers' rule; Phi-4-mini
+    rotates 96 of 128), the rest pass through."""
+    D = int(head_dim * partial_rotary_factor)
+    if not 0 < partial_rotary_factor <= 1 or D < 2 or D % 2:
+        raise ValueError(f"partial_rotary_factor {partial_rotary_factor:g} of head_dim {head_dim} rotates {D} dims: "
+                         "it must be in (0, 1], and RoPE rotates pairs, so an even number of dims, at least 2")
+    return D
 
 
 def cos_sin_tables(inv_freq, attention_factor, seq_len):
@@ -161,7 +177,11 @@ def cos_sin_tables(inv_freq, attention_factor, seq_len):
 def apply_rotary(x, cos, sin):
     """Rotate x [..., D] by the tables cos, sin [..., D] of cos_sin_tables (broadcast against x) in fp32, in Hugging
     Face's "halves" layout: pair i is (x[i], x[i + D/2]) -> (x[i]·cos - x[i + D/2]·sin, x[i + D/2]·cos + x[i]·sin),
-    that is x·(cos, cos) + (x[D/2:], x[:D/2])·(-sin, sin): a multiply and a multiply-add. Returns x's dtype."""
+    that is x·(cos, cos) + (x[D/2:], x[:D/2])·(-sin, sin): a multiply and a multiply-add. Returns x's dtype.
+    Tables narrower than x (partial rotary, D < head_dim) rotate x's first D dims and pass the rest through."""
+    D = cos.size(-1)
+    if D < x.size(-1):
+        return torch.cat((apply_rotary(x[..., :D], cos, sin), x[..., D:]), dim=-1)
     xf = x.float()  # in bf16 a copy, yet faster than mixing bf16 and fp32 in each op
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype)
@@ -173,9 +193,13 @@ def apply_rotary(x, cos, sin):
 
 TYPES = tuple(VARIANTS)
 NEEDS_L = ("dynamic", "ntk-by-parts", "yarn", "dynamic-yarn", "llama3", "longrope")
-ALIASES = {"dynamic_yarn": "dynamic-yarn", "ntk_by_parts": "ntk-by-parts", "ntk-aware": "ntk"}
+ALIASES = {"dynamic_yarn": "dynamic-yarn", "ntk_by_parts": "ntk-by-parts", "ntk-aware": "ntk",
+           "su": "longrope"}  # Phi-3's first name for it, still in published configs
+# the base and the rotated fraction, which transformers 5 writes into the dict (rope_parameters): where a dict says
+# them they replace the model's (rope_parameters above), so that a raised base (ABF) is a dict like any other
+ROTATION_KEYS = ("rope_theta", "partial_rotary_factor")
 # every type reads these ("finetuned", which published YaRN configs carry, changes no number), and some more
-COMMON_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "finetuned")
+COMMON_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "finetuned") + ROTATION_KEYS
 BY_PARTS_KEYS = ("beta_fast", "beta_slow", "truncate")
 YARN_KEYS = BY_PARTS_KEYS + ("attention_factor", "mscale", "mscale_all_dim")
 LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor")
@@ -183,11 +207,12 @@ KEYS = {"ntk-by-parts": BY_PARTS_KEYS, "yarn": YARN_KEYS, "dynamic-yarn": YARN_K
         "llama3": ("low_freq_factor", "high_freq_factor"), "longrope": LONGROPE_KEYS}
 
 
-def parse_rope_scaling(rope_scaling, head_dim=None, max_position_embeddings=None):
-    """Check an HF-style rope_scaling dict (older files say "type") and return a normalized copy, or None for plain
-    RoPE (None, or rope_type "default"). Errors are one line that names the key. The model's head_dim and
-    max_position_embeddings, which model.LlamaConfig and Llama.set_rope_scaling pass, complete longrope's checks
-    (check_longrope)."""
+def parse_rope_scaling(rope_scaling, head_dim=None, max_position_embeddings=None, partial_rotary_factor=1.0):
+    """Check an HF-style rope_scaling dict (older files say "type"; transformers 5's rope_parameters also hold
+    rope_theta and partial_rotary_factor) and return a normalized copy, or None for plain RoPE (None, or rope_type
+    "default" that says no base). Errors are one line that names the key. The model's head_dim,
+    max_position_embeddings and partial_rotary_factor, which model.LlamaConfig and Llama.set_rope_scaling pass,
+    complete the checks of the rotated dims and of longrope's lists (check_longrope)."""
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, dict):
@@ -200,9 +225,11 @@ def parse_rope_scaling(rope_scaling, head_dim=None, max_position_embeddings=None
     if unknown := [k for k in scaling if k not in known]:
         raise ValueError(f"rope scaling key {unknown[0]!r} is not read by rope_type {rope_type} (it reads: "
                          f"{', '.join(known)})")
-    if rope_type == "default":
-        return None
-    if "factor" not in scaling and rope_type != "longrope":  # longrope's may be derived (check_longrope)
+    if rope_type == "default":  # plain RoPE: None, unless the dict says a base or a rotated fraction
+        scaling = {k: v for k, v in scaling.items() if k in ("rope_type",) + ROTATION_KEYS}
+        if len(scaling) == 1:
+            return None
+    elif "factor" not in scaling and rope_type != "longrope":  # longrope's may be derived (check_longrope)
         raise ValueError(f"rope_type {rope_type} needs a 'factor'")
     if rope_type in NEEDS_L and "original_max_position_embeddings" not in scaling:
         raise ValueError(f"rope_type {rope_type} needs 'original_max_position_embeddings' (the context length the "
@@ -212,14 +239,15 @@ def parse_rope_scaling(rope_scaling, head_dim=None, max_position_embeddings=None
         raise ValueError(f"beta_fast ({scaling.get('beta_fast', 32.0):g}) must be greater than beta_slow "
                          f"({scaling.get('beta_slow', 1.0):g}): pairs turning more than beta_fast times are kept, "
                          "fewer than beta_slow times interpolated")
-    if scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
-        raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
-    return check_longrope(scaling, head_dim, max_position_embeddings) if rope_type == "longrope" else scaling
+    if scaling.get("high_freq_factor", 4.0) < scaling.get("low_freq_factor", 1.0):
+        raise ValueError("llama3 rope scaling needs high_freq_factor >= low_freq_factor")
+    D = head_dim and rotary_dim(head_dim, scaling.get("partial_rotary_factor", partial_rotary_factor))
+    return check_longrope(scaling, head_dim, D, max_position_embeddings) if rope_type == "longrope" else scaling
 
 
-def check_longrope(scaling, head_dim, max_position_embeddings):
-    """longrope needs both lists, of one factor per rotary pair: as long as each other, and head_dim/2 long where
-    the caller knows head_dim. A missing factor (Phi-3's configs have none) is max_position_embeddings / L, as
+def check_longrope(scaling, head_dim, D, max_position_embeddings):
+    """longrope needs both lists, of one factor per rotary pair: as long as each other, and D/2 long where the
+    caller knows head_dim (D: the dims it rotates). A missing factor (Phi-3's configs have none) is max_position_embeddings / L, as
     transformers derives it; it only sets the attention factor, which is 1 for s <= 1, hence at least 1."""
     if "short_factor" not in scaling or "long_factor" not in scaling:
         raise ValueError("rope_type longrope needs 'short_factor' and 'long_factor' (lists of one factor per rotary "
@@ -228,9 +256,10 @@ def check_longrope(scaling, head_dim, max_position_embeddings):
     if short != long:
         raise ValueError(f"longrope short_factor has {short} entries but long_factor {long}: both need one per "
                          "rotary pair")
-    if head_dim is not None and short != head_dim // 2:
-        raise ValueError(f"longrope short_factor and long_factor have {short} entries, but head_dim {head_dim} has "
-                         f"{head_dim // 2} rotary pairs (one factor each)")
+    if D and short != D // 2:
+        rotated = f" rotates {D} of its dims:" if D < head_dim else " has"
+        raise ValueError(f"longrope short_factor and long_factor have {short} entries, but head_dim {head_dim}"
+                         f"{rotated} {D // 2} rotary pairs (one factor each)")
     if "factor" in scaling:
         return scaling
     if max_position_embeddings is None:
@@ -267,6 +296,9 @@ def check_value(rope_type, key, value):
         raise ValueError(f"rope scaling {key} must be a finite number (got {value!r})")
     if key == "factor" and value < 1:
         raise ValueError(f"factor must be >= 1 for {rope_type} (got {value:g})")
+    if key == "partial_rotary_factor" and not 0 < value <= 1:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], the fraction of each head RoPE rotates (got "
+                         f"{value:g})")
     if key == "original_max_position_embeddings":
         if value != int(value) or value < 1:
             raise ValueError(f"original_max_position_embeddings must be a positive integer (got {value!r})")

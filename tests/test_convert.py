@@ -66,7 +66,8 @@ def test_hf_checkpoint_converts_to_the_same_tensors_and_logits(tmp_path, weights
     assert (tmp_path / "ours" / "tokenizer.model").read_bytes() == b"copied as is"
     assert config == {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": n_kv_heads, "head_dim": 16,
                       "hidden_dim": 96, "vocab_size": VOCAB, "norm_eps": 1e-5, "rope_theta": 10000.0,
-                      "max_position_embeddings": 64, "rope_scaling": None, "tie_word_embeddings": tie,
+                      "max_position_embeddings": 64, "rope_scaling": None, "partial_rotary_factor": 1.0,
+                      "qkv_bias": False, "tie_word_embeddings": tie,
                       "bos_token_id": hf.config.bos_token_id, "eos_token_id": hf.config.eos_token_id,
                       "source": "hf:hf"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
@@ -457,8 +458,8 @@ def damage(case, sources, tiny_hf, tmp):
     if case == "gguf-unknown-architecture":
         return sources["gpt2"], ["general.architecture is 'gpt2'"]
     if case == "unknown-rope-type":
-        return copy_hf(tiny_hf, tmp / "hf", rope_parameters={"rope_theta": 1e4, "rope_type": "su"}), \
-            ["unknown rope_type 'su'"]
+        return copy_hf(tiny_hf, tmp / "hf", rope_parameters={"rope_theta": 1e4, "rope_type": "proportional"}), \
+            ["unknown rope_type 'proportional'"]
     if case == "rope-factor-below-1":
         return copy_hf(tiny_hf, tmp / "hf", rope_parameters=None, rope_theta=1e4,
                        rope_scaling={"type": "linear", "factor": 0.5}), ["factor must be >= 1"]

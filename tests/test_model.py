@@ -125,19 +125,19 @@ ALL_VARIANTS = {
 }
 
 
-def sharpened_model(rope_scaling, n_layers, device="cpu"):
-    model = tiny_llama(rope_scaling, vocab_size=320, n_layers=n_layers, max_position_embeddings=32)
+def sharpened_model(rope_scaling, n_layers, device="cpu", **config):
+    model = tiny_llama(rope_scaling, vocab_size=320, n_layers=n_layers, max_position_embeddings=32, **config)
     with torch.no_grad():  # small random weights attend almost uniformly: sharpen attention so positions matter
         for block in model.layers:
             block.attention.wq.weight *= 30
     return model.to(device)
 
 
-def decode_and_recompute(variant, n_layers, dynamic_cache, device="cpu"):
+def decode_and_recompute(variant, n_layers, dynamic_cache, device="cpu", **config):
     """variant: a name in ALL_VARIANTS, or a rope_scaling dict. 20-token prompt, 40 new tokens: the length passes original_max_position_embeddings (32), and for
     dynamic-yarn-finetuned also factor·L (48), where the dynamic scale starts to move. Returns the max abs
     difference between the logits decoding used and those of a full forward pass over the same tokens."""
-    model = sharpened_model(ALL_VARIANTS[variant] if isinstance(variant, str) else variant, n_layers, device)
+    model = sharpened_model(ALL_VARIANTS[variant] if isinstance(variant, str) else variant, n_layers, device, **config)
     prompt = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
     out, logits = model.generate(prompt, 40, return_logits=True, dynamic_cache=dynamic_cache)
     with torch.no_grad():
@@ -160,6 +160,12 @@ def test_pre_rope_cache_is_exact_for_one_layer_and_close_for_three(variant):
     scales (measured with this sharpened attention: 0.07-0.17 on logits of magnitude ~2.3; 1e-3 unsharpened)."""
     assert decode_and_recompute(variant, 1, "pre-rope") <= 1e-5
     assert 1e-4 < decode_and_recompute(variant, 3, "pre-rope") <= 0.3
+
+
+@pytest.mark.parametrize("n_layers, dynamic_cache", [(1, "pre-rope"), (3, "recompute")])
+def test_partial_rotary_and_qkv_bias_decode_as_a_full_pass(n_layers, dynamic_cache):
+    """Phi-4-mini's and Qwen2's flags through the KV cache, that of keys before RoPE too (the first dims rotated)."""
+    assert decode_and_recompute("dynamic", n_layers, dynamic_cache, partial_rotary_factor=0.5, qkv_bias=True) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["default", "yarn", "llama3"])

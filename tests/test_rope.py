@@ -132,7 +132,7 @@ YARN = {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 40
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"rope_type": "su", "factor": 2}, "unknown rope_type 'su'"),  # Phi-3's first name for longrope
+    ({"rope_type": "proportional", "factor": 2}, "unknown rope_type 'proportional'"),  # Gemma's, not computed here
     ({**YARN, "factor": 0.5}, "factor must be >= 1 for yarn (got 0.5)"),
     ({"rope_type": "yarn", "factor": 2}, "needs 'original_max_position_embeddings'"),
     ({"rope_type": "linear"}, "needs a 'factor'"),
@@ -149,6 +149,12 @@ YARN = {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 40
     ({**YARN, "original_max_position_embeddings": 4096.5}, "must be a positive integer"),
     ({**YARN, "truncate": "no"}, "truncate must be true or false"),
     ({**YARN, "attention_factor": -1}, "attention_factor must be positive"),
+    ({**YARN, "rope_theta": 0}, "rope_theta must be positive (got 0)"),
+    ({"rope_theta": "1e6"}, "rope_theta must be a finite number (got '1e6')"),
+    ({**YARN, "partial_rotary_factor": 1.5}, "partial_rotary_factor must be in (0, 1]"),
+    ({"rope_type": "default", "partial_rotary_factor": 0}, "partial_rotary_factor must be in (0, 1]"),
+    ({"rope_type": "llama3", "factor": 8, "original_max_position_embeddings": 8192, "low_freq_factor": 4,
+      "high_freq_factor": 1}, "needs high_freq_factor >= low_freq_factor"),
     # conflicting names, and what is not a dict at all
     ({"type": "linear", "rope_type": "yarn", "factor": 2}, "both \"type\": 'linear' and \"rope_type\": 'yarn'"),
     ([1, 2], "must be a JSON object"),
@@ -158,3 +164,107 @@ def test_bad_rope_scaling_is_a_clear_error(bad, message):
     with pytest.raises(ValueError) as e:
         rope.parse_rope_scaling(bad)
     assert message in str(e.value)
+
+
+# ------------------------------------------------------------------------ what transformers 5 and published configs say
+
+
+def hf_rope_parameters(params, head_dim=16, seq_len=None, max_position_embeddings=64):
+    """transformers' own inv_freq and attention factor for its rope_parameters (with rope_theta inside)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding  # its default applies partial rotary
+
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=max_position_embeddings,
+                         rope_parameters=dict(params))
+    compute = ROPE_INIT_FUNCTIONS.get(params["rope_type"], Phi3RotaryEmbedding.compute_default_rope_parameters)
+    return compute(config, seq_len=seq_len)
+
+
+LLAMA4 = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+          "original_max_position_embeddings": 8192}  # Llama 4 Scout's published values
+
+
+def test_llama4_equal_freq_factors_are_a_step_at_L_as_transformers_computes_it():
+    inv_freq, m = rope.rope_parameters(rope.parse_rope_scaling(LLAMA4), 128, 500000.0)
+    theirs, their_m = hf_rope_parameters({"rope_theta": 500000.0, **LLAMA4}, head_dim=128)
+    assert torch.equal(inv_freq, theirs) and m == their_m == 1.0
+    t = rope.inv_freq(128, 500000.0)
+    long = 2 * math.pi / t > 8192  # pairs whose wavelength is longer than L turn fewer than once over it
+    assert long.any() and not long.all()
+    assert torch.equal(inv_freq[~long], t[~long]) and torch.allclose(inv_freq[long], t[long] / 16)
+
+
+PARTIAL = {  # head_dim 16, partial_rotary_factor 0.75: the first 12 dims (6 pairs) are rotated
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 16,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "longrope": {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 16,
+                 "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]},
+}
+
+
+@pytest.mark.parametrize("variant", PARTIAL)
+def test_partial_rotary_rotates_the_first_dims_as_transformers_does(variant):
+    """transformers rotates the first int(head_dim·partial_rotary_factor) dims, every formula computed with that D,
+    and passes the rest through; the model's factor, or the dict's (as transformers 5 writes it), gives the same."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    params = {"rope_theta": 1000.0, "partial_rotary_factor": 0.75, **PARTIAL[variant]}
+    for seq_len in (8, 64):  # below and past L = 16 (dynamic grows from max_position_embeddings = 16 here)
+        theirs, their_m = hf_rope_parameters(params, seq_len=seq_len, max_position_embeddings=16)
+        model_side = rope.parse_rope_scaling(PARTIAL[variant], 16, 16, partial_rotary_factor=0.75)
+        in_dict = rope.parse_rope_scaling(params, 16, 16)
+        for ours, m in (rope.rope_parameters(model_side, 16, 1000.0, seq_len, partial_rotary_factor=0.75),
+                        rope.rope_parameters(in_dict, 16, 10000.0, seq_len)):
+            assert ours.shape == (6,) and torch.allclose(ours, theirs, rtol=1e-6, atol=0) and m == their_m, seq_len
+    cos, sin = rope.cos_sin_tables(ours, m, seq_len)
+    q, k = torch.randn(2, 4, seq_len, 16), torch.randn(2, 2, seq_len, 16)  # [B, heads, T, head_dim]
+    their_sin = sin * torch.cat((-torch.ones(6), torch.ones(6)))  # HF's table is (sin, sin), ours (-sin, sin)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos[None], their_sin[None])
+    assert torch.allclose(rope.apply_rotary(q, cos, sin), q_hf, atol=1e-6)
+    assert torch.allclose(rope.apply_rotary(k, cos, sin), k_hf, atol=1e-6)
+    assert torch.equal(rope.apply_rotary(q, cos, sin)[..., 12:], q[..., 12:])
+
+
+def test_rope_parameters_with_rope_theta_given_to_parse_and_rope_parameters():
+    """transformers 5's rope_parameters block, rope_theta inside: the dict's base replaces the model's; a dict that
+    says only a base is plain RoPE at that base (ABF, "adjusted base frequency", as Code Llama was fine-tuned)."""
+    block = {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    scaling = rope.parse_rope_scaling(block)
+    assert scaling == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4096}
+    inv_freq, m = rope.rope_parameters(scaling, D, BASE)  # the model's base 1e4, replaced
+    theirs, their_m = hf_rope_parameters(block, head_dim=D)
+    assert torch.equal(inv_freq, theirs) and m == their_m
+    abf = rope.parse_rope_scaling({"rope_type": "default", "rope_theta": 5e5})
+    assert abf == {"rope_type": "default", "rope_theta": 5e5}
+    assert torch.equal(rope.rope_parameters(abf, D, BASE)[0], rope.inv_freq(D, 5e5))
+    assert rope.parse_rope_scaling({"rope_theta": 5e5}) == abf  # no rope_type: default, as transformers reads it
+    assert rope.parse_rope_scaling({"rope_type": "default"}) is None
+
+
+def test_su_is_longrope():
+    su = {"type": "su", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64, "original_max_position_embeddings": L,
+          "factor": 2.0}
+    assert rope.parse_rope_scaling(su) == rope.parse_rope_scaling({**su, "type": "longrope"})
+    assert rope.parse_rope_scaling(su)["rope_type"] == "longrope"
+
+
+@pytest.mark.parametrize("head_dim, factor, message", [
+    (16, 0.5625, "partial_rotary_factor 0.5625 of head_dim 16 rotates 9 dims"),  # an odd number of dims
+    (16, 0.1, "rotates 1 dims"),
+    (16, 1.25, "it must be in (0, 1]"),
+])
+def test_a_partial_rotary_factor_that_rotates_no_even_number_of_dims_is_an_error(head_dim, factor, message):
+    from model import LlamaConfig
+
+    with pytest.raises(ValueError) as e:
+        LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, hidden_dim=64, vocab_size=10,
+                    partial_rotary_factor=factor)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    if factor <= 1:  # the dict's factor is checked against the model's head_dim too
+        with pytest.raises(ValueError, match="rotates"):
+            rope.parse_rope_scaling({"rope_type": "default", "partial_rotary_factor": factor}, head_dim)
